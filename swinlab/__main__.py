@@ -1,0 +1,67 @@
+"""``python -m swinlab <command>`` (also the ``swinlab`` console script).
+
+Commands:
+  fit | validate | test | predict   training through LightningCLI (swinlab.cli)
+  models                            list registered variants with parameters and FLOPs
+  convert                           load any Swin checkpoint (official, timm, Lightning, swinlab) into a variant,
+                                    optionally at another image/window size, and write safetensors
+  bench                             throughput/memory side by side with timm (swinlab.bench)
+  estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.estimate)
+  ablate                            resolution-transfer ablation studies (swinlab.ablate)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+from .errors import SwinlabError
+
+# command -> module whose main(argv) runs it
+COMMANDS = {
+    "models": "swinlab.commands",
+    "convert": "swinlab.commands",
+    "bench": "swinlab.bench",
+    "estimate": "swinlab.estimate",
+    "ablate": "swinlab.ablate",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _setup_env() -> None:
+    """Keep caches inside the working tree's ignored .cache/ and quiet DeepSpeed on machines without CUDA."""
+    cache = os.path.join(os.getcwd(), ".cache")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_extensions"))
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    except Exception:  # pragma: no cover - torch import errors surface later with their own message
+        pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    _setup_env()
+    command = argv[0]
+    try:
+        if command in LIGHTNING_COMMANDS:
+            from .cli import main as cli_main
+            return cli_main(argv) or 0
+        if command not in COMMANDS:
+            known = ", ".join(list(LIGHTNING_COMMANDS) + list(COMMANDS))
+            raise SwinlabError(f"unknown command {command!r}: use one of {known}")
+        module = importlib.import_module(COMMANDS[command])
+        return module.main(argv) or 0
+    except SwinlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

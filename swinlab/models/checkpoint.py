@@ -1,0 +1,235 @@
+"""Checkpoints: safe reading, layout remapping (official / timm / Lightning / swinlab) and window-size transfer.
+
+Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)`` or safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError
+from .swin import SwinTransformer, stage_geometry
+
+BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table", "k_bias")
+ANCHOR = "patch_embed.proj.weight"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a checkpoint file into (backbone state_dict with its prefix removed, swinlab metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    meta: Dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                raw_meta = f.metadata() or {}
+                obj: Any = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {path} as safetensors ({_first_line(exc)}): the file is truncated "
+                                  f"or not safetensors; export it again") from None
+        if "swinlab_config" in raw_meta:
+            meta = dict(model=raw_meta.get("swinlab_model"), config=json.loads(raw_meta["swinlab_config"]))
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"refused to load {path}: it holds Python objects that only unpickling could build "
+                f"({_first_line(exc)[:120]}); swinlab loads tensors only: save model.state_dict() or safetensors"
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or not a "
+                                  f"PyTorch checkpoint; copy or export it again") from None
+        if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):
+            meta = dict(obj["swinlab"])
+    return _unwrap(obj, path), meta
+
+
+def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
+    """Find the backbone weights: Lightning's ``state_dict``, official ``model``, or a plain dict; then drop any
+    module prefix (``model.``, ``module.``, ``encoder.`` ...)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict: save model.state_dict()")
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj.get(key), dict) and not isinstance(obj.get(key), torch.Tensor):
+            obj = obj[key]
+            break
+    anchors = [k[: -len(ANCHOR)] for k in obj if isinstance(k, str) and k.endswith(ANCHOR)]
+    if not anchors:
+        raise CheckpointError(f"no Swin weights in {path} (no key ending in {ANCHOR!r}): is this a Swin checkpoint?")
+    prefix = min(anchors, key=len)
+    return {k[len(prefix):]: v for k, v in obj.items()
+            if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
+
+
+def remap_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official microsoft/Swin-Transformer layout -> timm/swinlab layout (a timm state_dict passes unchanged).
+
+    Drops the index/mask/coordinate buffers (always rebuilt), moves ``layers.i.downsample`` to the start of stage
+    i+1, and renames ``head.{weight,bias}`` to ``head.fc.{weight,bias}``.
+    """
+    official = any(k.startswith("layers.0.downsample.") for k in state_dict) or "head.weight" in state_dict
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith(BUFFER_SUFFIXES):
+            continue
+        if official:
+            k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+            if k in ("head.weight", "head.bias"):
+                k = "head.fc." + k.split(".")[-1]
+        out[k] = v
+    return out
+
+
+def resize_bias_table(table: torch.Tensor, src_window: Tuple[int, int], dst_window: Tuple[int, int]) -> torch.Tensor:
+    """V1 window transfer: bicubic interpolation of a ((2Wh-1)(2Ww-1), heads) table, as the official fine-tuning
+    code does (``F.interpolate(..., mode='bicubic')``)."""
+    heads = table.shape[1]
+    src = (2 * src_window[0] - 1, 2 * src_window[1] - 1)
+    dst = (2 * dst_window[0] - 1, 2 * dst_window[1] - 1)
+    grid = table.T.reshape(1, heads, *src).float()
+    out = F.interpolate(grid, size=dst, mode="bicubic", align_corners=False)
+    return out.reshape(heads, -1).T.contiguous().to(table.dtype)
+
+
+def infer_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    w = state_dict.get("head.fc.weight", state_dict.get("head.weight"))
+    return int(w.shape[0]) if w is not None else None
+
+
+def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Architecture read off a (remapped) state dict."""
+    sd = remap_state_dict(state_dict)
+    pe = sd[ANCHOR]
+    depth: Dict[int, int] = {}
+    for k in sd:
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            i, j = int(m.group(1)), int(m.group(2))
+            depth[i] = max(depth.get(i, 0), j + 1)
+    stages = sorted(depth)
+    heads = []
+    for i in stages:
+        for suffix, dim in (("attn.logit_scale", 0), ("attn.relative_position_bias_table", 1),
+                            ("attn.cpb_mlp.2.weight", 0)):
+            t = sd.get(f"layers.{i}.blocks.0.{suffix}")
+            if t is not None:
+                heads.append(int(t.shape[dim]))
+                break
+    v2 = any(k.endswith(("logit_scale", "q_bias", "cpb_mlp.0.weight")) for k in sd)
+    window = None
+    table = sd.get("layers.0.blocks.0.attn.relative_position_bias_table")
+    if table is not None:
+        side = int(round(table.shape[0] ** 0.5))
+        if side * side == table.shape[0]:
+            window = (side + 1) // 2
+    return dict(version="v2" if v2 else "v1", embed_dim=int(pe.shape[0]), patch_size=int(pe.shape[-1]),
+                depths=[depth[i] for i in stages], num_heads=heads, window=window)
+
+
+def fitting_variants(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Registry names whose architecture matches the state dict (same window first for V1)."""
+    from .registry import REGISTRY
+    try:
+        arch = describe_state_dict(state_dict)
+    except Exception:
+        return []
+    hits = [v for v in REGISTRY.values()
+            if v.version == arch["version"] and v.embed_dim == arch["embed_dim"] and v.patch_size == arch["patch_size"]
+            and list(v.depths) == arch["depths"] and (not arch["num_heads"] or list(v.num_heads) == arch["num_heads"])]
+    hits.sort(key=lambda v: v.window_size != arch["window"])
+    return [v.name for v in hits]
+
+
+def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor], *, source: Dict[str, Any],
+                    checkpoint: str = "checkpoint", reset_head: bool = False) -> None:
+    """Load weights saved at ``source`` geometry into ``model`` (possibly another size/window)."""
+    sd = remap_state_dict(state_dict)
+    own = model.state_dict()
+    name = getattr(model, "variant_name", "the model")
+
+    skipped_head = False
+    hw = sd.get("head.fc.weight")
+    if hw is not None and own.get("head.fc.weight") is not None and hw.shape != own["head.fc.weight"].shape:
+        if reset_head:
+            sd.pop("head.fc.weight")
+            sd.pop("head.fc.bias", None)
+            skipped_head = True
+            warnings.warn(f"{checkpoint}: classifier head has {hw.shape[0]} classes, the model {model.num_classes}: "
+                          f"head re-initialised, all other weights loaded", stacklevel=3)
+    elif hw is not None and "head.fc.weight" not in own:  # num_classes=0: feature extractor
+        sd.pop("head.fc.weight")
+        sd.pop("head.fc.bias", None)
+
+    n = len(model.layers)
+    try:
+        src_geo = stage_geometry(source["img_size"], source["patch_size"], source["window_size"], n)
+    except Exception:
+        src_geo = None
+    for k in list(sd):
+        if not k.endswith("relative_position_bias_table") or k not in own:
+            continue
+        if sd[k].shape == own[k].shape or sd[k].shape[1] != own[k].shape[1]:
+            continue
+        stage, block = int(k.split(".")[1]), int(k.split(".")[3])
+        dst = model.layers[stage].blocks[block].attn.window
+        src = src_geo[stage]["window"] if src_geo else None
+        if src is None or (2 * src[0] - 1) * (2 * src[1] - 1) != sd[k].shape[0]:
+            side = int(round(sd[k].shape[0] ** 0.5))
+            src = ((side + 1) // 2,) * 2
+        if (2 * src[0] - 1) * (2 * src[1] - 1) == sd[k].shape[0]:
+            sd[k] = resize_bias_table(sd[k], src, dst)
+
+    missing = [k for k in own if k not in sd and not (skipped_head and k.startswith("head.fc."))]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{k}: {tuple(sd[k].shape)} in the checkpoint vs {tuple(own[k].shape)} in the model"
+                    for k in shapes[:2]]
+        problems += [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
+        fits = [f for f in fitting_variants(sd) if f != name]
+        hint = (f"it fits {', '.join(fits[:3])}: create that model instead" if fits
+                else "no registered variant fits it: check the checkpoint")
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit {name} "
+                              f"({len(shapes)} shape mismatches, {len(missing)} missing, {len(unexpected)} unexpected "
+                              f"keys; first: {'; '.join(problems)}); {hint}")
+    model.load_state_dict(sd, strict=not skipped_head)
+
+
+def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name: Optional[str] = None,
+                     extra_metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write the weights and the model's config as safetensors, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = model_name or getattr(model, "variant_name", None) or ""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "swinlab_model": name, "swinlab_config": json.dumps(model.config)}
+    meta.update(extra_metadata or {})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,639 @@
+"""Swin Transformer V1 and V2 as one model.
+
+Every change from V1 to V2 is an independent switch, and "v1" / "v2" are presets of those switches:
+
+=================  ==========================================  ===================================================
+switch             "v1" preset                                 "v2" preset
+=================  ==========================================  ===================================================
+norm_placement     "pre":  x + f(LN(x))                        "res_post": x + LN(f(x)), LN weight/bias zero-init
+attention          "dot":  softmax(q k^T * head_dim^-0.5)      "cosine": softmax(cos(q, k) * exp(min(s, ln 100)))
+position_bias      "table": learned (2W-1)^2 x heads table     "cpb_log": 16*sigmoid(MLP(log-spaced coords));
+                                                               "cpb_linear" (linear coords) and "none" also exist
+qkv_bias           "qkv":  one bias on q, k and v              "qv": q_bias and v_bias, no k bias
+merge_order        "norm_reduce": LN(4C) then Linear(4C->2C)   "reduce_norm": Linear(4C->2C) then LN(2C)
+extra_norm_period  0                                           0 (SwinV2-H/G: a LayerNorm every 6 blocks)
+=================  ==========================================  ===================================================
+
+Parameter names and layouts equal timm's ``swin_transformer`` / ``swin_transformer_v2`` so their state dicts load
+as they are. Attention runs through ``F.scaled_dot_product_attention`` by default (``fused_attn=True``): the
+position bias and the shift mask are folded into one additive mask, and V2's cosine attention becomes
+``normalize(q) * logit_scale`` against ``normalize(k)`` with scale 1. The explicit softmax path stays available
+(``fused_attn=False``) and gives the same outputs.
+
+Pure PyTorch (plus timm's ``Mlp``/``DropPath``): nothing here imports Lightning.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError
+
+PRESETS: Dict[str, Dict[str, str]] = {
+    "v1": dict(norm_placement="pre", attention="dot", position_bias="table", qkv_bias="qkv",
+               merge_order="norm_reduce"),
+    "v2": dict(norm_placement="res_post", attention="cosine", position_bias="cpb_log", qkv_bias="qv",
+               merge_order="reduce_norm"),
+}
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "norm_placement": ("pre", "res_post"),
+    "attention": ("dot", "cosine"),
+    "position_bias": ("table", "cpb_linear", "cpb_log", "none"),
+    "qkv_bias": ("qkv", "qv", "none"),
+    "merge_order": ("norm_reduce", "reduce_norm"),
+}
+MASK_VALUE = -100.0  # the value the reference implementations add between shifted regions
+LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # V2: tau >= 0.01, so the cosine logits are scaled by at most 100
+CPB_HIDDEN = 512
+
+Int2 = Tuple[int, int]
+
+
+def to_2tuple(v: Union[int, Sequence[int]]) -> Int2:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ConfigError(f"expected an int or a pair (h, w), got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def per_stage(value: Union[int, Sequence[Any]], num_stages: int, what: str) -> List[Int2]:
+    """Expand an int, an (h, w) pair or one entry per stage into one (h, w) per stage."""
+    if isinstance(value, (tuple, list)) and len(value) == num_stages and num_stages != 2:
+        return [to_2tuple(v) for v in value]
+    if isinstance(value, (tuple, list)) and len(value) == num_stages == 2 and isinstance(value[0], (tuple, list)):
+        return [to_2tuple(v) for v in value]
+    if isinstance(value, (tuple, list)) and len(value) not in (2, num_stages):
+        raise ConfigError(f"{what}={list(value)!r} has {len(value)} entries but the model has {num_stages} "
+                          f"stages: give one int, an (h, w) pair, or one value per stage")
+    return [to_2tuple(value)] * num_stages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: windows, shifts, index buffers and masks (computed once per resolution, never per forward)
+# ----------------------------------------------------------------------------------------------------------------
+
+def stage_geometry(img_size: Union[int, Sequence[int]], patch_size: int,
+                   window_size: Union[int, Sequence[Any]], num_stages: int) -> List[Dict[str, Int2]]:
+    """Per stage: token resolution, effective window and shift at the configured image size.
+
+    A window is clamped to the stage resolution and the shift dropped where the stage is not larger than the
+    window, per dimension, as timm does.
+    """
+    img = to_2tuple(img_size)
+    res = (img[0] // patch_size, img[1] // patch_size)
+    out = []
+    for i, target in enumerate(per_stage(window_size, num_stages, "window_size")):
+        if i > 0:
+            res = ((res[0] + 1) // 2, (res[1] + 1) // 2)
+        window = tuple(min(r, w) for r, w in zip(res, target))
+        shift = tuple(0 if r <= w else w // 2 for r, w in zip(res, target))
+        out.append(dict(resolution=res, window=window, shift=shift))
+    return out
+
+
+def relative_position_index(window: Int2, device=None) -> torch.Tensor:
+    """(N, N) index into a (2Wh-1)(2Ww-1) table for every query/key pair of a window."""
+    wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing="ij")).flatten(1)  # 2, N
+    rel = coords[:, :, None] - coords[:, None, :]  # 2, N, N (query - key)
+    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+
+
+def relative_coords_table(window: Int2, pretrained_window: Int2, log_spaced: bool, device=None) -> torch.Tensor:
+    """(1, 2Wh-1, 2Ww-1, 2) fp32 CPB inputs.
+
+    Offsets are normalised by (pretrained_window - 1), or (window - 1) without a pretrained window, times 8; the
+    log-spaced form maps them through sign(x) * log2(1 + |x|) / log2(8) as the official code does, the linear form
+    divides by 8 so both span about [-1, 1] at the pretrained window.
+    """
+    wh, ww = window
+    dh = torch.arange(-(wh - 1), wh, device=device, dtype=torch.float32)
+    dw = torch.arange(-(ww - 1), ww, device=device, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).unsqueeze(0)
+    norm = pretrained_window if pretrained_window[0] > 0 else window
+    table[..., 0] /= max(norm[0] - 1, 1)
+    table[..., 1] /= max(norm[1] - 1, 1)
+    table = table * 8
+    if log_spaced:
+        return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return table / 8
+
+
+def window_partition(x: torch.Tensor, window: Int2) -> torch.Tensor:
+    """(B, H, W, C) -> (B, num_windows, Wh*Ww, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window[0], window[0], W // window[1], window[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, window[0] * window[1], C)
+
+
+def window_reverse(windows: torch.Tensor, window: Int2, H: int, W: int) -> torch.Tensor:
+    """(B, num_windows, Wh*Ww, C) -> (B, H, W, C)."""
+    B, C = windows.shape[0], windows.shape[-1]
+    x = windows.view(B, H // window[0], W // window[1], window[0], window[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def shift_mask(padded: Int2, window: Int2, shift: Int2, device=None) -> torch.Tensor:
+    """(num_windows, N, N) additive mask: MASK_VALUE between tokens that the cyclic shift brought together."""
+    Hp, Wp = padded
+    labels = torch.zeros((1, Hp, Wp, 1), device=device)
+    count = 0
+    for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            labels[:, h[0]:h[1], w[0]:w[1], :] = count
+            count += 1
+    lw = window_partition(labels, window)[0, :, :, 0]  # nW, N
+    diff = lw.unsqueeze(1) - lw.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+
+
+def _autocast_off(device: torch.device):
+    if device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with the V1/V2 attention, bias and qkv-bias switches."""
+
+    def __init__(self, dim: int, num_heads: int, window: Int2, *, attention: str, position_bias: str,
+                 qkv_bias: str, pretrained_window: Int2 = (0, 0), attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 fused: bool = True, chunk_size: int = 0):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"width {dim} is not divisible by {num_heads} heads: pick num_heads dividing it")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window = tuple(window)
+        self.window_area = window[0] * window[1]
+        self.pretrained_window = tuple(pretrained_window)
+        self.attention, self.position_bias_kind, self.qkv_bias_kind = attention, position_bias, qkv_bias
+        self.fused = fused
+        self.chunk_size = chunk_size
+        self.attn_drop = attn_drop
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias == "qkv")
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        if attention == "cosine":
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        if position_bias == "table":
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
+        elif position_bias.startswith("cpb"):
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, CPB_HIDDEN, bias=True), nn.ReLU(inplace=True),
+                                         nn.Linear(CPB_HIDDEN, num_heads, bias=False))
+            self.register_buffer("relative_coords_table", torch.zeros(1, 2 * window[0] - 1, 2 * window[1] - 1, 2),
+                                 persistent=False)
+        if position_bias != "none":
+            self.register_buffer("relative_position_index",
+                                 torch.zeros(self.window_area, self.window_area, dtype=torch.long), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers; they are never loaded from a checkpoint."""
+        if self.position_bias_kind == "none":
+            return
+        device = self.relative_position_index.device
+        if device.type == "meta":
+            return
+        self.relative_position_index.copy_(relative_position_index(self.window, device))
+        if self.position_bias_kind.startswith("cpb"):
+            self.relative_coords_table.copy_(relative_coords_table(
+                self.window, self.pretrained_window, self.position_bias_kind == "cpb_log", device))
+        if self.qkv_bias_kind == "qv":
+            self.k_bias.zero_()
+
+    def position_bias(self) -> Optional[torch.Tensor]:
+        """(heads, N, N) fp32 bias: a table lookup (V1) or 16*sigmoid of the CPB MLP (V2), once per forward."""
+        kind = self.position_bias_kind
+        if kind == "none":
+            return None
+        if kind == "table":
+            table = self.relative_position_bias_table.float()
+        else:
+            mlp = self.cpb_mlp
+            coords = self.relative_coords_table
+            with _autocast_off(coords.device):  # keep the CPB MLP in fp32 under bf16/fp16 autocast
+                hidden = F.relu(F.linear(coords.float(), mlp[0].weight.float(), mlp[0].bias.float()))
+                table = F.linear(hidden, mlp[2].weight.float()).view(-1, self.num_heads)
+                table = 16 * torch.sigmoid(table)
+        N = self.window_area
+        return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def _qkv_bias(self) -> Optional[torch.Tensor]:
+        if self.qkv_bias_kind == "qv":
+            return torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.qkv.bias
+
+    def _attend(self, q, k, v, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """q, k, v: (B, w, heads, N, hd); mask: (w or 1, heads, N, N) or None -> (B, w, heads, N, hd).
+
+        Where the mask differs per window the windows go into the head dimension, so the mask broadcasts over the
+        batch with no copy; otherwise windows go into the batch and the (1, heads, N, N) bias broadcasts.
+        """
+        B, w, nH, N, hd = q.shape
+        if mask is not None and mask.shape[0] > 1:
+            q, k, v = (t.reshape(B, w * nH, N, hd) for t in (q, k, v))
+            mask = mask.reshape(1, w * nH, N, N)
+        else:
+            q, k, v = (t.reshape(B * w, nH, N, hd) for t in (q, k, v))
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        drop = self.attn_drop if self.training else 0.0
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
+        else:
+            attn = (q * scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn + mask
+            attn = F.dropout(attn.softmax(dim=-1), p=drop)
+            out = attn @ v
+        return out.view(B, w, nH, N, hd)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, num_windows, N, C); mask: (num_windows, N, N) shift mask or None."""
+        B, nW, N, C = x.shape
+        nH, hd = self.num_heads, self.head_dim
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+        q, k, v = qkv.view(B, nW, N, 3, nH, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, nH, N, hd
+        if self.attention == "cosine":
+            with _autocast_off(x.device):
+                logit_scale = torch.clamp(self.logit_scale.float(), max=LOGIT_SCALE_MAX).exp()
+            q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        else:
+            scale = hd ** -0.5
+        bias = self.position_bias()
+        if mask is not None:
+            mask = mask[:, None] if bias is None else mask[:, None] + bias[None]  # nW, nH|1, N, N
+            if mask.shape[1] == 1:
+                mask = mask.expand(-1, nH, -1, -1)
+        elif bias is not None:
+            mask = bias[None]
+        chunk = self.chunk_size
+        if chunk and nW > chunk:  # sequential attention: bounded memory for very large inputs, same result
+            outs = []
+            for s in range(0, nW, chunk):
+                m = None if mask is None else (mask[s:s + chunk] if mask.shape[0] > 1 else mask)
+                outs.append(self._attend(q[:, s:s + chunk], k[:, s:s + chunk], v[:, s:s + chunk], m, scale))
+            out = torch.cat(outs, dim=1)
+        else:
+            out = self._attend(q, k, v, mask, scale)
+        out = out.transpose(2, 3).reshape(B, nW, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock(nn.Module):
+    """(Shifted-)window attention and MLP with pre-norm (V1) or res-post-norm (V2) residuals."""
+
+    def __init__(self, dim: int, num_heads: int, window: Int2, shift: Int2, *, norm_placement: str,
+                 extra_norm: bool, mlp_ratio: float, drop_path: float, proj_drop: float,
+                 **attn_kwargs: Any):
+        super().__init__()
+        self.window, self.shift = tuple(window), tuple(shift)
+        self.res_post = norm_placement == "res_post"
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window, proj_drop=proj_drop, **attn_kwargs)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if extra_norm:
+            self.norm3 = nn.LayerNorm(dim)
+        self.register_buffer("attn_mask", None, persistent=False)
+        self._mask_key: Optional[Tuple[int, ...]] = None
+        self._mask_cache: Dict[Tuple[Any, ...], torch.Tensor] = {}
+
+    def set_input_resolution(self, resolution: Int2) -> None:
+        """Precompute the shift mask for the stage resolution the model was built for."""
+        key = self._mask_geometry(*resolution)
+        self._mask_key = key
+        self._mask_cache.clear()
+        device = self.norm1.weight.device
+        if any(key[2:]) and device.type != "meta":
+            self.attn_mask = shift_mask(key[:2], self.window, key[2:], device)
+        else:
+            self.attn_mask = None
+
+    def _mask_geometry(self, H: int, W: int) -> Tuple[int, int, int, int]:
+        wh, ww = self.window
+        Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+        # no shift along a dimension that holds a single window (the clamp above, or a small runtime input)
+        return Hp, Wp, self.shift[0] if wh < Hp else 0, self.shift[1] if ww < Wp else 0
+
+    def _get_mask(self, key: Tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        if key == self._mask_key and self.attn_mask is not None:
+            return self.attn_mask
+        cache_key = key + (str(device),)
+        mask = self._mask_cache.get(cache_key)
+        if mask is None:
+            mask = self._mask_cache[cache_key] = shift_mask(key[:2], self.window, key[2:], device)
+        return mask
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        key = self._mask_geometry(H, W)
+        Hp, Wp, sh, sw = key
+        shifted = bool(sh or sw)
+        if shifted:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        if Hp != H or Wp != W:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        windows = window_partition(x, self.window)
+        windows = self.attn(windows, self._get_mask(key, x.device) if shifted else None)
+        x = window_reverse(windows, self.window, Hp, Wp)
+        if Hp != H or Wp != W:
+            x = x[:, :H, :W].contiguous()
+        if shifted:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.res_post:
+            x = x + self.drop_path1(self.norm1(self._attn(x)))
+            x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        else:
+            x = x + self.drop_path1(self._attn(self.norm1(x)))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        norm3 = getattr(self, "norm3", None)
+        return norm3(x) if norm3 is not None else x
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbour concat (order (0,0),(1,0),(0,1),(1,1)) then norm->reduce (V1) or reduce->norm (V2)."""
+
+    def __init__(self, dim: int, out_dim: int, merge_order: str):
+        super().__init__()
+        self.reduce_first = merge_order == "reduce_norm"
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim if self.reduce_first else 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        if self.reduce_first:
+            return self.norm(self.reduction(x))
+        return self.reduction(self.norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection to NHWC tokens, then LayerNorm."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ConfigError(f"expected images shaped (batch, channels, height, width), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ConfigError(f"input size {H}x{W} is not divisible by the patch size {p}: resize or crop the "
+                              f"images to a multiple of {p}")
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging (timm places it at the start of stage i > 0), then the blocks."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, geometry: Dict[str, Int2],
+                 downsample: bool, merge_order: str, extra_norm_period: int, drop_path: Sequence[float],
+                 **block_kwargs: Any):
+        super().__init__()
+        self.downsample = PatchMerging(in_dim, dim, merge_order) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            SwinBlock(dim, num_heads, geometry["window"], (0, 0) if j % 2 == 0 else geometry["shift"],
+                      extra_norm=extra_norm_period > 0 and (j + 1) % extra_norm_period == 0,
+                      drop_path=drop_path[j], **block_kwargs)
+            for j in range(depth)])
+        for blk in self.blocks:
+            blk.set_input_resolution(geometry["resolution"])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool over (H, W) of NHWC features, dropout, Linear (``head.fc`` as in timm)."""
+
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean(dim=(1, 2)))
+        return x if pre_logits else self.fc(x)
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer with V1/V2 switches (see the module docstring).
+
+    ``version`` picks the preset ("v1" or "v2"); any switch given explicitly overrides the preset, so an
+    ablation such as "V1 with log-spaced CPB" is ``SwinTransformer(version="v1", position_bias="cpb_log")``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Sequence[int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            window_size: Union[int, Sequence[Any]] = 7,
+            mlp_ratio: float = 4.0,
+            version: str = "v1",
+            norm_placement: Optional[str] = None,
+            attention: Optional[str] = None,
+            position_bias: Optional[str] = None,
+            qkv_bias: Optional[str] = None,
+            merge_order: Optional[str] = None,
+            extra_norm_period: int = 0,
+            pretrained_window_size: Union[int, Sequence[Any]] = 0,
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.1,
+            fused_attn: bool = True,
+            attn_chunk_size: int = 0,
+            grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if version not in PRESETS:
+            raise ConfigError(f"version={version!r} is unknown: use one of {sorted(PRESETS)}")
+        switches = dict(PRESETS[version])
+        given = dict(norm_placement=norm_placement, attention=attention, position_bias=position_bias,
+                     qkv_bias=qkv_bias, merge_order=merge_order)
+        switches.update({k: v for k, v in given.items() if v is not None})
+        for key, value in switches.items():
+            if value not in CHOICES[key]:
+                raise ConfigError(f"{key}={value!r} is not a valid choice: use one of {list(CHOICES[key])}")
+        depths, num_heads = [int(d) for d in depths], [int(h) for h in num_heads]
+        if len(depths) != len(num_heads):
+            raise ConfigError(f"depths {depths} and num_heads {num_heads} must have one entry per stage each")
+        img = to_2tuple(img_size)
+        if patch_size <= 0 or img[0] % patch_size or img[1] % patch_size:
+            raise ConfigError(f"img_size {img[0]}x{img[1]} is not divisible by the patch size {patch_size}: use a "
+                              f"multiple of {patch_size} (e.g. {max(patch_size, img[0] // patch_size * patch_size)})")
+        windows = per_stage(window_size, len(depths), "window_size")
+        if any(w <= 0 for ws in windows for w in ws):
+            raise ConfigError(f"window_size must be positive, got {window_size!r}")
+        pretrained = per_stage(pretrained_window_size, len(depths), "pretrained_window_size")
+        if attn_chunk_size < 0:
+            raise ConfigError(f"attn_chunk_size={attn_chunk_size} must be >= 0 (0 turns sequential attention off)")
+        if extra_norm_period < 0:
+            raise ConfigError(f"extra_norm_period={extra_norm_period} must be >= 0 (0 turns it off)")
+
+        self.config: Dict[str, Any] = dict(
+            img_size=list(img), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=[list(w) for w in windows],
+            mlp_ratio=mlp_ratio, version=version, **switches, extra_norm_period=extra_norm_period,
+            pretrained_window_size=[list(p) for p in pretrained], drop_rate=drop_rate,
+            proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+            fused_attn=fused_attn, attn_chunk_size=attn_chunk_size, grad_checkpointing=grad_checkpointing)
+        self.switches = switches
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.patch_size = patch_size
+        self.img_size = img
+        dims = [int(embed_dim * 2 ** i) for i in range(self.num_layers)]
+        self.num_features = dims[-1]
+        self.geometry = stage_geometry(img, patch_size, windows, self.num_layers)
+        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}")
+                             for i in range(self.num_layers)]
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        layers, start = [], 0
+        for i in range(self.num_layers):
+            geo = self.geometry[i]
+            pw = pretrained[i]
+            layers.append(SwinStage(
+                dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], geo, downsample=i > 0,
+                merge_order=switches["merge_order"], extra_norm_period=extra_norm_period,
+                drop_path=dpr[start:start + depths[i]], norm_placement=switches["norm_placement"],
+                mlp_ratio=mlp_ratio, proj_drop=proj_drop_rate, attention=switches["attention"],
+                position_bias=switches["position_bias"], qkv_bias=switches["qkv_bias"], pretrained_window=pw,
+                attn_drop=attn_drop_rate, fused=fused_attn, chunk_size=attn_chunk_size))
+            start += depths[i]
+        self.layers = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.apply(self._init_weights)
+        if switches["norm_placement"] == "res_post":
+            self._init_respostnorm()
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    # -- initialisation -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _init_respostnorm(self) -> None:
+        for blk in self.blocks():
+            for norm in (blk.norm1, blk.norm2):
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Rebuild every non-persistent buffer (index tables, CPB coordinates, shift masks), e.g. after
+        materialising a model that was created on the meta device."""
+        for i, stage in enumerate(self.layers):
+            for blk in stage.blocks:
+                blk.attn.reset_buffers()
+                blk.set_input_resolution(self.geometry[i]["resolution"])
+
+    # -- switches and helpers -------------------------------------------------------------------------------------
+    def blocks(self) -> List[SwinBlock]:
+        return [blk for stage in self.layers for blk in stage.blocks]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (recompute activations in backward)."""
+        self.config["grad_checkpointing"] = bool(enable)
+        for stage in self.layers:
+            stage.grad_checkpointing = bool(enable)
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Switch between ``F.scaled_dot_product_attention`` and the explicit softmax path."""
+        self.config["fused_attn"] = bool(enable)
+        for blk in self.blocks():
+            blk.attn.fused = bool(enable)
+
+    def set_attn_chunk_size(self, chunk_size: int) -> None:
+        """Sequential attention: at most ``chunk_size`` windows at a time (0: all at once)."""
+        if chunk_size < 0:
+            raise ConfigError(f"attn_chunk_size={chunk_size} must be >= 0 (0 turns sequential attention off)")
+        self.config["attn_chunk_size"] = int(chunk_size)
+        for blk in self.blocks():
+            blk.attn.chunk_size = int(chunk_size)
+
+    def no_weight_decay_keywords(self) -> set:
+        """Parameter-name fragments that the official recipe trains without weight decay."""
+        return {"relative_position_bias_table", "cpb_mlp", "logit_scale"}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.config["num_classes"] = num_classes
+        self.head = ClassifierHead(self.num_features, num_classes, self.config["drop_rate"])
+        self.head.apply(self._init_weights)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> final normalised features (B, H/32, W/32, C_last), NHWC as in timm."""
+        return self.norm(self.layers(self.patch_embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_pyramid(self, x: torch.Tensor, norm_last: bool = False) -> List[torch.Tensor]:
+        """Multi-scale features for detection/segmentation: one NCHW map per stage, strides
+        patch_size * (1, 2, 4, 8) (4/8/16/32 for the standard models). ``norm_last`` applies the final norm
+        to the last map."""
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            y = self.norm(x) if norm_last and i == self.num_layers - 1 else x
+            outs.append(y.permute(0, 3, 1, 2).contiguous())
+        return outs
