@@ -1,0 +1,191 @@
+"""Checkpoints: official / timm / Lightning / swinlab formats, window-size transfer, safe loading, convert CLI."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, randomize_
+from test_models import timm_twin
+from timm.models import swin_transformer as timm_v1
+from timm.models import swin_transformer_v2 as timm_v2
+
+from swinlab.errors import CheckpointError
+from swinlab.models import create_model, read_checkpoint, save_safetensors
+
+
+def to_official(state_dict, model):
+    """timm layout -> microsoft/Swin-Transformer layout, buffers included, wrapped in {'model': ...}."""
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        out[k.replace("head.fc.", "head.")] = v
+    for name, buf in model.named_buffers():  # the persistent buffers the official code saves
+        if name.endswith(("relative_position_index", "attn_mask", "relative_coords_table")):
+            out[re.sub(r"^layers\.(\d+)\.downsample", "", name)] = buf.clone()
+    return {"model": out, "epoch": 299, "config": "swin_tiny.yaml"}
+
+
+@pytest.mark.parametrize("name,module", [("swin_tiny_patch4_window7_224", timm_v1),
+                                         ("swinv2_pico_patch2_window4_32", timm_v2)])
+def test_official_checkpoint_equals_timms_own_conversion(tmp_path, name, module):
+    src = randomize_(timm_twin(name))
+    path = tmp_path / "official.pth"
+    official = to_official(src.state_dict(), src)
+    assert "layers.0.downsample.reduction.weight" in official["model"] and "head.weight" in official["model"]
+    torch.save(official, path)
+    ref = timm_twin(name)
+    ref.load_state_dict(module.checkpoint_filter_fn(torch.load(path, weights_only=True), ref))
+    ours = create_model(name, checkpoint=str(path))
+    x = torch.randn(2, 3, *ours.img_size)
+    with torch.no_grad():
+        err = (ours.eval()(x) - ref.eval()(x)).abs().max().item()
+    assert err <= 1e-5
+
+
+def test_v2_transfer_256w8_to_384w12_equals_timm_with_pretrained_window_8(tmp_path):
+    src = randomize_(timm.create_model("swinv2_tiny_window8_256"))
+    path = tmp_path / "v2t.pth"
+    torch.save(src.state_dict(), path)
+    ours = create_model("swinv2_tiny_window8_256", checkpoint=str(path), img_size=384, window_size=12)
+    assert ours.config["pretrained_window_size"] == [[8, 8]] * 4
+    assert [b.window for b in ours.blocks()][::2] == [(12, 12)] * 6
+    ref = timm.create_model("swinv2_tiny_window8_256", img_size=384, window_size=12, pretrained_window_sizes=(8,) * 4)
+    ref.load_state_dict(src.state_dict())
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        err = (ours.eval()(x) - ref.eval()(x)).abs().max().item()
+    assert err <= 1e-5
+    # and the transfer really changed the bias: the same weights without pretrained windows differ
+    plain = create_model("swinv2_tiny_window8_256", checkpoint=str(path), img_size=384, window_size=12,
+                         pretrained_window_size=0)
+    with torch.no_grad():
+        assert (plain.eval()(x) - ref(x)).abs().max() > 1e-3
+
+
+def test_v2_transfer_from_a_small_size_uses_the_clamped_source_windows(tmp_path):
+    # like 192/W12 -> 256/W16 with PRETRAINED_WINDOW_SIZES [12, 12, 12, 6]: the last stages were clamped at the source
+    src = randomize_(create_model("swinv2_pico_patch2_window4_32", img_size=16))
+    assert [b.window for b in src.blocks()][::2] == [(4, 4), (4, 4), (2, 2), (1, 1)]
+    path = save_safetensors(src, tmp_path / "small.safetensors", "swinv2_pico_patch2_window4_32")
+    big = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path), img_size=64, window_size=8)
+    assert big.config["pretrained_window_size"] == [[4, 4], [4, 4], [2, 2], [1, 1]]
+    assert torch.equal(big.layers[2].blocks[0].attn.cpb_mlp[0].weight, src.layers[2].blocks[0].attn.cpb_mlp[0].weight)
+
+
+def test_v1_transfer_is_the_official_bicubic_formula(tmp_path):
+    src = randomize_(create_model("swin_pico_patch2_window4_32"))
+    path = save_safetensors(src, tmp_path / "v1.safetensors", "swin_pico_patch2_window4_32")
+    big = create_model("swin_pico_patch2_window4_32", checkpoint=str(path), img_size=64, window_size=8)
+    key = "layers.0.blocks.1.attn.relative_position_bias_table"
+    old = src.state_dict()[key]  # (7*7, heads)
+    heads = old.shape[1]
+    expected = F.interpolate(old.permute(1, 0).view(1, heads, 7, 7), size=(15, 15), mode="bicubic")
+    expected = expected.view(heads, 15 * 15).permute(1, 0)
+    assert torch.allclose(big.state_dict()[key], expected, atol=1e-6)
+    # every other weight is carried over unchanged
+    for k, v in src.state_dict().items():
+        if "relative_position_bias_table" not in k:
+            assert torch.equal(big.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.isfinite(big.eval()(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_swinlab_and_lightning_checkpoints_round_trip(tmp_path):
+    src = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=7)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = src(x)
+    st = save_safetensors(src, tmp_path / "w.safetensors", "swinv2_pico_patch2_window4_32")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}, "global_step": 3,
+                "swinlab": {"model": "swinv2_pico_patch2_window4_32", "config": src.config}}, ckpt)
+    for path in (st, ckpt):
+        sd, meta = read_checkpoint(path)
+        assert meta["config"]["num_classes"] == 7
+        loaded = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path)).eval()
+        assert loaded.num_classes == 7
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), want, atol=1e-6)
+
+
+def test_fine_tune_head_is_reinitialised_when_num_classes_changes(tmp_path):
+    src = randomize_(create_model("swin_pico_patch2_window4_32", num_classes=10))
+    path = save_safetensors(src, tmp_path / "w.safetensors")
+    with pytest.warns(UserWarning, match="head re-initialised"):
+        model = create_model("swin_pico_patch2_window4_32", checkpoint=str(path), num_classes=3)
+    assert model.head.fc.out_features == 3
+    assert torch.equal(model.patch_embed.proj.weight, src.patch_embed.proj.weight)
+
+
+def test_wrong_variant_checkpoint_names_keys_and_the_variant_that_fits(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save(timm.create_model("swin_small_patch4_window7_224").state_dict(), path)
+    with pytest.raises(CheckpointError) as e:
+        create_model("swin_tiny_patch4_window7_224", checkpoint=str(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "unexpected layers.2.blocks.6" in msg
+    assert "swin_small_patch4_window7_224" in msg
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    sd = create_model("swin_pico_patch2_window4_32").state_dict()
+    torch.save({"model": sd, "extra": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused to load .*tensors only"):
+        create_model("swin_pico_patch2_window4_32", checkpoint=str(path))
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_files_get_one_line(tmp_path):
+    good = save_safetensors(create_model("v1_pico"), tmp_path / "w.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        create_model("v1_pico", checkpoint=str(cut))
+    torch.save(create_model("v1_pico").state_dict(), tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="truncated"):
+        create_model("v1_pico", checkpoint=str(tmp_path / "cut.pth"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        create_model("v1_pico", checkpoint=str(tmp_path / "nope.pth"))
+
+
+def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
+    src = randomize_(timm_twin("swin_pico_patch2_window4_32"))
+    official = tmp_path / "official.pth"
+    torch.save(to_official(src.state_dict(), src), official)
+    out = tmp_path / "big.safetensors"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    res = subprocess.run([sys.executable, "-m", "swinlab", "convert", str(official), "--model",
+                          "swin_pico_patch2_window4_32", "--img-size", "64", "--window-size", "8", "--out", str(out)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["img_size"] == [64, 64] and info["window_size"][0] == 8
+    direct = create_model("swin_pico_patch2_window4_32", checkpoint=str(official), img_size=64, window_size=8).eval()
+    reloaded = create_model("swin_pico_patch2_window4_32", checkpoint=str(out)).eval()  # geometry from metadata
+    assert reloaded.config["img_size"] == [64, 64]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(direct(x), reloaded(x))
+    bad = subprocess.run([sys.executable, "-m", "swinlab", "convert", str(official), "--model", "swin_pico",
+                          "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown model 'swin_pico'")
+    assert len(bad.stderr.strip().splitlines()) == 1

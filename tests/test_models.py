@@ -1,0 +1,210 @@
+"""The one switchable model: parity with timm, switches, geometry, registry, FLOPs, bad input."""
+import math
+
+import pytest
+import timm
+import torch
+from conftest import randomize_
+from timm.models.swin_transformer import SwinTransformer as TimmV1
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
+
+import swinlab
+from swinlab.errors import ConfigError
+from swinlab.models import SwinTransformer, count_params, create_model, list_models, model_macs
+
+PICO = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
+
+
+def timm_twin(name, **kw):
+    """timm's model for a swinlab registry name (the tiny variants exist only in swinlab)."""
+    if name == "swin_pico_patch2_window4_32":
+        return TimmV1(**{**PICO, **kw})
+    if name == "swinv2_pico_patch2_window4_32":
+        return TimmV2(**{**PICO, **kw})
+    return timm.create_model(name, **kw)
+
+
+def assert_parity(ours, ref, x, tol=1e-5):
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert a.shape == b.shape
+    assert torch.isfinite(b).all() and b.abs().max() > 0.1, "reference logits are degenerate"
+    err = (a - b).abs().max().item()
+    assert err <= tol, f"max |swinlab - timm| = {err:.3g}"
+    return err
+
+
+@pytest.mark.parametrize("name", ["swin_pico_patch2_window4_32", "swinv2_pico_patch2_window4_32",
+                                  "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_logits_equal_timm_after_randomising_every_parameter(name, fused):
+    ref = randomize_(timm_twin(name))
+    ours = create_model(name)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours.set_fused_attn(fused)
+    x = torch.randn(2, 3, *ours.img_size)
+    assert_parity(ours, ref, x)
+
+
+def test_fresh_v2_blocks_are_identities_so_parity_needs_randomised_weights():
+    model = create_model("swinv2_pico_patch2_window4_32").eval()
+    blk = model.layers[1].blocks[1]
+    assert torch.count_nonzero(blk.norm1.weight) == 0 and torch.count_nonzero(blk.norm2.bias) == 0
+    x = torch.randn(1, 8, 8, 32)
+    assert torch.equal(blk(x), x)
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_pico_patch2_window4_32"])
+def test_odd_input_size_pads_like_timm(name):
+    size = (200, 300) if "tiny" in name else (38, 54)
+    ref = randomize_(timm_twin(name, img_size=size))
+    ours = create_model(name, img_size=size)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert_parity(ours, ref, torch.randn(1, 3, *size))
+
+
+def test_clamped_windows_and_dropped_shift_follow_timm():
+    model = create_model("swinv2_tiny_window8_256", img_size=128)  # stage 4 is 4x4 < window 8
+    ref = timm.create_model("swinv2_tiny_window8_256", img_size=128)
+    for stage, tstage in zip(model.layers, ref.layers):
+        for blk, tblk in zip(stage.blocks, tstage.blocks):
+            assert blk.window == tuple(tblk.window_size)
+            assert blk.shift == tuple(tblk.shift_size)
+    assert model.layers[3].blocks[1].window == (4, 4) and model.layers[3].blocks[1].shift == (0, 0)
+
+
+def test_runtime_input_of_another_size_runs_and_caches_masks():
+    model = create_model("swin_pico_patch2_window4_32", num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 48, 40))
+        again = model(torch.randn(2, 3, 48, 40))
+    assert out.shape == again.shape == (2, 5) and torch.isfinite(out).all()
+    blk = model.layers[0].blocks[1]
+    assert len(blk._mask_cache) == 1  # built once for 24x20 tokens, reused on the second call
+
+
+def test_feature_pyramid_shapes_and_strides():
+    model = create_model("swin_tiny_patch4_window7_224", num_classes=0).eval()
+    with torch.no_grad():
+        feats = model.forward_pyramid(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape[1:]) for f in feats] == [(96, 56, 56), (192, 28, 28), (384, 14, 14), (768, 7, 7)]
+    assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 768)  # num_classes=0: pooled features
+
+
+def test_switches_are_independent():
+    base = dict(PICO, num_classes=3)
+    keys = lambda m: set(m.state_dict())  # noqa: E731
+    v1 = SwinTransformer(version="v1", **base)
+    v1_cpb = SwinTransformer(version="v1", position_bias="cpb_log", **base)
+    v1_cos = SwinTransformer(version="v1", attention="cosine", **base)
+    v1_qv = SwinTransformer(version="v1", qkv_bias="qv", **base)
+    k = "layers.0.blocks.0.attn."
+    assert k + "relative_position_bias_table" in keys(v1) and k + "cpb_mlp.0.weight" not in keys(v1)
+    assert k + "cpb_mlp.0.weight" in keys(v1_cpb) and k + "relative_position_bias_table" not in keys(v1_cpb)
+    assert keys(v1_cos) - keys(v1) == {f"layers.{i}.blocks.{j}.attn.logit_scale" for i in range(4) for j in range(2)}
+    assert k + "q_bias" in keys(v1_qv) and k + "qkv.bias" not in keys(v1_qv)
+    post = SwinTransformer(version="v1", norm_placement="res_post", **base)
+    assert torch.count_nonzero(post.layers[0].blocks[0].norm1.weight) == 0
+    assert v1.layers[1].downsample.norm.normalized_shape == (64,)  # norm on 4C before reduction
+    v2m = SwinTransformer(version="v1", merge_order="reduce_norm", **base)
+    assert v2m.layers[1].downsample.norm.normalized_shape == (32,)  # norm on 2C after reduction
+    lin = SwinTransformer(version="v2", position_bias="cpb_linear", **base)
+    coords = lin.layers[0].blocks[0].attn.relative_coords_table
+    assert torch.allclose(coords.abs().max(), torch.tensor(1.0))  # linear offsets span [-1, 1]
+    log = SwinTransformer(version="v2", **base).layers[0].blocks[0].attn.relative_coords_table
+    assert torch.allclose(log.abs().max(), torch.tensor(math.log2(9) / 3))
+
+
+def test_extra_norm_every_six_blocks():
+    model = create_model("swinv2_giant_cpu_patch2_window4_32")
+    with_norm3 = [(i, j) for i, st in enumerate(model.layers) for j, b in enumerate(st.blocks) if hasattr(b, "norm3")]
+    assert with_norm3 == [(2, 5)]
+    with torch.device("meta"):
+        giant = create_model("swinv2_giant_window12_192")
+    assert sum(hasattr(b, "norm3") for b in giant.blocks()) == 7  # 42 blocks in stage 3
+
+
+def test_logit_scale_is_clamped_at_ln_100():
+    model = randomize_(create_model("swinv2_pico_patch2_window4_32")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for blk in model.blocks():
+            blk.attn.logit_scale.fill_(math.log(100.0))
+        at_cap = model(x)
+        for blk in model.blocks():
+            blk.attn.logit_scale.fill_(50.0)
+        above_cap = model(x)
+    assert torch.allclose(at_cap, above_cap, atol=1e-6)
+
+
+def test_grad_checkpointing_and_sequential_attention_give_the_same_gradients():
+    torch.manual_seed(0)
+    ref = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=4))
+    alt = create_model("swinv2_pico_patch2_window4_32", num_classes=4, grad_checkpointing=True, attn_chunk_size=3)
+    alt.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for m in (ref, alt):
+        m.train()
+        m(x).square().sum().backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), alt.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_meta_device_build_then_materialise_rebuilds_buffers():
+    real = randomize_(create_model("swin_pico_patch2_window4_32")).eval()
+    with torch.device("meta"):
+        lazy = create_model("swin_pico_patch2_window4_32")
+    lazy = lazy.to_empty(device="cpu")
+    lazy.reset_buffers()
+    lazy.load_state_dict(real.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(lazy.eval()(x), real(x), atol=1e-6)
+
+
+def test_registry_has_timm_names_and_paper_sizes():
+    names = set(list_models())
+    required = {f"swin_{s}_patch4_window7_224" for s in ("tiny", "small", "base", "large")}
+    required |= {"swin_base_patch4_window12_384", "swin_large_patch4_window12_384"}
+    required |= {f"swinv2_{s}_window{w}_256" for s in ("tiny", "small", "base") for w in (8, 16)}
+    required |= {f"swinv2_{s}_window12_192" for s in ("base", "large")}
+    required |= {f"swinv2_{s}_window12to{w}_192to{r}" for s in ("base", "large") for w, r in ((16, 256), (24, 384))}
+    assert required <= names
+    assert required <= set(timm.list_models("swin*"))  # the same names as timm
+    assert 2.9e9 < count_params("swinv2_giant_window12_192") < 3.1e9  # paper: 3.0B
+    assert 6.5e8 < count_params("swinv2_huge_window12_192") < 6.65e8  # paper: 658M
+    timm_t = timm.create_model("swin_tiny_patch4_window7_224")
+    assert count_params("v1_t") == sum(p.numel() for p in timm_t.parameters())
+
+
+@pytest.mark.parametrize("name,paper_gflops", [
+    ("swin_tiny_patch4_window7_224", 4.5), ("swin_small_patch4_window7_224", 8.7),
+    ("swin_base_patch4_window7_224", 15.4), ("swin_base_patch4_window12_384", 47.0),
+    ("swinv2_tiny_window8_256", 5.9), ("swinv2_small_window8_256", 11.5), ("swinv2_base_window16_256", 21.8)])
+def test_analytic_flops_match_the_papers(name, paper_gflops):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert abs(model_macs(model) / 1e9 - paper_gflops) / paper_gflops < 0.02
+
+
+def test_bad_input_gets_one_clear_line():
+    with pytest.raises(ConfigError, match="not divisible by the patch size 4") as e:
+        create_model("swin_tiny_patch4_window7_224", img_size=225)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="did you mean .*swin_tiny_patch4_window7_224"):
+        create_model("swin_tiny_patch4_window7")
+    with pytest.raises(ConfigError, match="position_bias='tabel' is not a valid choice"):
+        create_model("v1_pico", position_bias="tabel")
+    model = create_model("v1_pico")
+    with pytest.raises(ConfigError, match="not divisible by the patch size 2"):
+        model(torch.randn(1, 3, 33, 32))
+    with pytest.raises(ConfigError, match="window_size"):
+        create_model("v1_pico", window_size=(4, 4, 4))
+
+
+def test_public_api():
+    assert swinlab.create_model is create_model and "swinv2_tiny_window8_256" in swinlab.list_models()
+    assert "v2_g" in swinlab.list_models(include_aliases=True)
