@@ -1,0 +1,81 @@
+"""`python -m swinlab estimate`: parameter count, ZeRO/FSDP accounting, measured activation bytes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from swinlab.errors import ConfigError
+from swinlab.estimate import activation_bytes, estimate, load_configs, model_state_bytes
+from swinlab.models import create_model
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_estimator_parameter_count_equals_the_model(tmp_path):
+    cfg = {"model": {"class_path": "swinlab.tasks.ImageClassifier",
+                     "init_args": {"model_name": "swinv2_giant_cpu_patch2_window4_32", "num_classes": 10}},
+           "trainer": {"precision": "32-true", "devices": 2}}
+    result = estimate(load_configs([write(tmp_path, "a.yaml", cfg)]))
+    model = create_model("swinv2_giant_cpu_patch2_window4_32", num_classes=10)
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert result["world_size"] == 2
+
+
+def test_configs_compose_like_the_cli(tmp_path):
+    a = write(tmp_path, "a.yaml", {"model": {"init_args": {"model_name": "v2_pico"}}, "trainer": {"devices": 1}})
+    b = write(tmp_path, "b.yaml", {"trainer": {"devices": 4, "num_nodes": 2, "strategy": {
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 3}}}})
+    result = estimate(load_configs([a, b]))
+    assert result["world_size"] == 8 and result["strategy"] == "deepspeed_stage_3"
+
+
+def test_zero_stages_shard_what_they_should():
+    p, n = 1_000_000, 8
+    s = model_state_bytes(p, n, "bf16-mixed")
+    assert s["ddp"]["total"] == 16 * p  # 2 + 2 + 12 bytes per parameter
+    assert s["zero1"]["optimizer"] == 12 * p / n and s["zero1"]["grads"] == 2 * p
+    assert s["zero2"]["grads"] == 2 * p / n and s["zero2"]["weights"] == 2 * p
+    assert s["zero3 / fsdp"]["total"] == 16 * p / n
+    assert model_state_bytes(p, 1, "32-true")["ddp"]["total"] == 16 * p  # 4 + 4 + 8
+
+
+def test_activation_bytes_on_meta_equal_a_real_forward():
+    with torch.device("meta"):
+        lazy = create_model("swinv2_pico_patch2_window4_32").train()
+    est = activation_bytes(lazy, (32, 32), torch.float32)
+    real = create_model("swinv2_pico_patch2_window4_32").train()
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        real(torch.randn(1, 3, 32, 32))
+    assert est["plain"] == pytest.approx(sum(seen.values()), rel=0.02)
+    assert est["checkpointed"] < 0.5 * est["plain"]
+
+
+def test_estimate_cli_json_and_bad_config(tmp_path):
+    cfg = write(tmp_path, "g.yaml", {"model": {"init_args": {"model_name": "swinv2_giant_window12_192",
+                                                             "model_kwargs": {"grad_checkpointing": True}}},
+                                     "data": {"init_args": {"batch_size": 4}},
+                                     "trainer": {"precision": "bf16-mixed", "devices": 8}})
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    res = subprocess.run([sys.executable, "-m", "swinlab", "estimate", "--config", cfg, "--json"], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert 2.9e9 < out["params"] < 3.1e9 and out["grad_checkpointing"] is True
+    assert out["activation_bytes_per_image"]["checkpointed"] < out["activation_bytes_per_image"]["plain"] / 4
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_configs([str(tmp_path / "missing.yaml")])
