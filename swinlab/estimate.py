@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .errors import ConfigError
 from .models import create_model
+from .yamlio import load_yaml
 
 MIXED = ("bf16-mixed", "16-mixed", "bf16", "16", "fp16", "bf16-true", "16-true")
 
@@ -36,13 +36,9 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 
 def load_configs(paths: List[str]) -> Dict[str, Any]:
     """Merge LightningCLI yaml files the way ``--config a --config b`` composes them (later wins)."""
-    import yaml
     merged: Dict[str, Any] = {}
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise ConfigError(f"config {p} does not exist: check the path")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(p) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config {p} is not a mapping of sections (model:, data:, trainer:)")
         merged = _deep_merge(merged, data)

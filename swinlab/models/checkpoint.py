@@ -177,6 +177,10 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
     elif hw is not None and "head.fc.weight" not in own:  # num_classes=0: feature extractor
         sd.pop("head.fc.weight")
         sd.pop("head.fc.bias", None)
+    elif hw is None and "head.fc.weight" in own:  # a pretrained backbone (e.g. SimMIM) into a classifier
+        skipped_head = True
+        warnings.warn(f"{checkpoint} has no classifier head (a pretrained backbone): head initialised for "
+                      f"{model.num_classes} classes, all other weights loaded", stacklevel=3)
 
     n = len(model.layers)
     try:

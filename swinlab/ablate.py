@@ -1,0 +1,325 @@
+"""``python -m swinlab ablate --config experiments/ablations/<study>.yaml [--out DIR]``: resolution-transfer studies.
+
+For each variant and seed: train once at the train size/window (or take the given checkpoint), then evaluate at every
+larger (img_size, window) (a) directly, through the model's transfer path (V1: bicubic bias tables; V2: the CPB MLP
+re-evaluated with ``pretrained_window_size``), and (b) after a short fine-tune at that size starting from the trained
+weights. Writes results.csv, results.md (paper-shaped table, mean ± std over seeds, the paper's numbers beside ours
+when the study gives them), results.png and one TensorBoard run per variant (a version per seed).
+
+A study yaml::
+
+    study: pos_bias_transfer
+    seeds: [0, 1, 2]
+    model: {model_name: swinv2_pico_patch2_window4_32, num_classes: 10, model_kwargs: {...}, <ImageClassifier args>}
+    data: {class_path: swinlab.data.DigitsDataModule, init_args: {batch_size: 64}}
+    train: {img_size: 32, window_size: 4, trainer: {max_epochs: 8}}
+    eval: [{img_size: 48, window_size: 6}, {img_size: 64, window_size: 8}]
+    finetune: {trainer: {max_steps: 40}, model: {base_lr: 1e-3, warmup_epochs: 0}}   # optional
+    variants:
+      table: {position_bias: table}          # model_kwargs overrides (or {model_name: ..., checkpoint: ...})
+      log_cpb: {position_bias: cpb_log}
+    paper: {table: ["81.7", "79.4/82.7"], ...}                                      # optional
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import ConfigError
+from .models import create_model, save_safetensors
+from .models.swin import to_2tuple
+from .yamlio import load_yaml
+
+CSV_FIELDS = ["study", "variant", "seed", "train_img_size", "train_window", "eval_img_size", "eval_window",
+              "finetuned", "top1", "top5"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Study config
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_study(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    study = load_yaml(p) or {}
+    if not isinstance(study, dict):
+        raise ConfigError(f"study config {path} is not a mapping: see swinlab/ablate.py for the format")
+    for key in ("model", "data", "train", "eval", "variants"):
+        if key not in study:
+            raise ConfigError(f"study config {path} has no '{key}:' section: see swinlab/ablate.py for the format")
+    study.setdefault("study", p.stem)
+    study.setdefault("seeds", [0])
+    if not study["variants"]:
+        raise ConfigError(f"study config {path} lists no variants: add at least one under 'variants:'")
+    check_study(study)
+    return study
+
+
+def _variant_model(study: Dict[str, Any], variant: str) -> Tuple[str, Dict[str, Any], Optional[str]]:
+    spec = dict(study["variants"][variant] or {})
+    name = spec.pop("model_name", study["model"].get("model_name"))
+    ckpt = spec.pop("checkpoint", None)
+    kwargs = {**dict(study["model"].get("model_kwargs") or {}), **spec}
+    return name, kwargs, ckpt
+
+
+def check_study(study: Dict[str, Any]) -> None:
+    """Every (img_size, window) must tile the first stage's token grid exactly: checked before any training."""
+    for variant in study["variants"]:
+        name, kwargs, _ = _variant_model(study, variant)
+        from .models import get_variant
+        patch = kwargs.get("patch_size", get_variant(name).patch_size)
+        sizes = [("train", study["train"])] + [(f"eval #{i + 1}", e) for i, e in enumerate(study["eval"])]
+        for what, spec in sizes:
+            if "img_size" not in spec or "window_size" not in spec:
+                raise ConfigError(f"{what} size of study {study['study']} needs img_size and window_size")
+            img, win = to_2tuple(spec["img_size"]), to_2tuple(spec["window_size"])
+            if img[0] % patch or img[1] % patch:
+                raise ConfigError(f"{what}: img_size {img[0]}x{img[1]} is not divisible by the patch size {patch} "
+                                  f"of {name}: use a multiple of {patch}")
+            grid = (img[0] // patch, img[1] // patch)
+            if win[0] > grid[0] or win[1] > grid[1] or grid[0] % win[0] or grid[1] % win[1]:
+                raise ConfigError(f"{what}: window {win[0]}x{win[1]} cannot tile the {grid[0]}x{grid[1]} token grid "
+                                  f"of img_size {img[0]}x{img[1]} (patch {patch}): pick a window dividing "
+                                  f"{grid[0]}, e.g. img_size {win[0] * patch * 4} for window {win[0]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_data(study: Dict[str, Any], img_size, seed: int):
+    spec = copy.deepcopy(study["data"])
+    cls = _import(spec.get("class_path", "swinlab.data.DigitsDataModule"))
+    args = dict(spec.get("init_args") or {})
+    args["img_size"] = list(to_2tuple(img_size))
+    if "seed" in cls.__init__.__code__.co_varnames:
+        args.setdefault("seed", seed)
+    dm = cls(**args)
+    dm.setup("fit")
+    return dm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, datamodule) -> Tuple[float, float]:
+    """Top-1 / top-5 (%) over the validation split."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for batch in datamodule.val_dataloader():
+        x, y = batch[0], batch[1]
+        logits = model(x)
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=-1).sum().item()
+        total += y.numel()
+    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+
+def _trainer(trainer_args: Dict[str, Any], logger) -> Any:
+    import lightning.pytorch as pl
+    args = dict(accelerator="cpu", devices=1, precision="32-true", enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=5.0, log_every_n_steps=10)
+    args.update(trainer_args or {})
+    return pl.Trainer(logger=logger, **args)
+
+
+def _task(study: Dict[str, Any], name: str, kwargs: Dict[str, Any], checkpoint: Optional[str],
+          extra: Optional[Dict[str, Any]] = None):
+    from .tasks import ImageClassifier
+    args = {k: v for k, v in study["model"].items() if k not in ("model_name", "model_kwargs")}
+    args.update(extra or {})
+    return ImageClassifier(model_name=name, model_kwargs=kwargs, checkpoint=checkpoint, **args)
+
+
+def transfer(weights: str, name: str, img_size, window_size) -> torch.nn.Module:
+    """The trained weights at another size through the model's own transfer path."""
+    return create_model(name, checkpoint=weights, img_size=img_size, window_size=window_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_study(study: Dict[str, Any], out: Path, log=print) -> List[Dict[str, Any]]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+    train = study["train"]
+    t_img, t_win = to_2tuple(train["img_size"]), to_2tuple(train["window_size"])
+    finetune = study.get("finetune")
+    started = time.perf_counter()
+    for variant in study["variants"]:
+        name, kwargs, given_ckpt = _variant_model(study, variant)
+        for seed in study["seeds"]:
+            pl.seed_everything(int(seed), workers=True)
+            logger = TensorBoardLogger(save_dir=str(out / "tb"), name=variant, version=f"seed{seed}",
+                                       default_hp_metric=False)
+            weights = out / "weights" / f"{variant}_seed{seed}.safetensors"
+            train_kwargs = {**kwargs, "img_size": list(t_img), "window_size": list(t_win)}
+            if given_ckpt:
+                model = create_model(name, checkpoint=given_ckpt, **train_kwargs)
+                save_safetensors(model, weights, name)
+            else:
+                dm = make_data(study, t_img, int(seed))
+                task = _task(study, name, train_kwargs, None)
+                _trainer(train.get("trainer", {}), logger).fit(task, datamodule=dm)
+                save_safetensors(task.model, weights, name)
+            sizes = [(t_img, t_win, False)] + [(to_2tuple(e["img_size"]), to_2tuple(e["window_size"]), ft)
+                                                for e in study["eval"] for ft in ((False, True) if finetune else
+                                                                                  (False,))]
+            for img, win, ft in sizes:
+                dm = make_data(study, img, int(seed))
+                if not ft:
+                    model = transfer(str(weights), name, list(img), list(win))
+                else:
+                    pl.seed_everything(int(seed), workers=True)
+                    ft_kwargs = {**kwargs, "img_size": list(img), "window_size": list(win)}
+                    task = _task(study, name, ft_kwargs, str(weights), finetune.get("model"))
+                    ft_logger = TensorBoardLogger(save_dir=str(out / "tb"), name=variant,
+                                                  version=f"seed{seed}_ft{img[0]}w{win[0]}", default_hp_metric=False)
+                    _trainer(finetune.get("trainer", {}), ft_logger).fit(task, datamodule=dm)
+                    model = task.model
+                top1, top5 = evaluate(model, dm)
+                row = dict(study=study["study"], variant=variant, seed=seed, train_img_size=t_img[0],
+                           train_window=t_win[0], eval_img_size=img[0], eval_window=win[0], finetuned=ft,
+                           top1=round(top1, 3), top5=round(top5, 3))
+                rows.append(row)
+                logger.experiment.add_scalar(f"ablate/top1_{'ft' if ft else 'direct'}_w{win[0]}", top1)
+                log(f"[{time.perf_counter() - started:6.0f}s] {variant} seed {seed} {img[0]}/W{win[0]} "
+                    f"{'fine-tuned' if ft else 'direct    '} top1 {top1:.2f} top5 {top5:.2f}")
+            logger.experiment.flush()
+            write_outputs(study, rows, out)  # partial results survive an interrupted study
+    write_outputs(study, rows, out, plot=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+def _stats(values: List[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+
+
+def summarise(study: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    train = study["train"]
+    t_img, t_win = to_2tuple(train["img_size"]), to_2tuple(train["window_size"])
+    evals = [(to_2tuple(e["img_size"])[0], to_2tuple(e["window_size"])[0]) for e in study["eval"]]
+    has_ft = bool(study.get("finetune"))
+    head = [f"W{t_win[0]}, I{t_img[0]} (train)"] + [f"W{w}, I{i}" + (" (direct / ft)" if has_ft else "")
+                                                       for i, w in evals]
+    lines = [f"| {study['study']} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    seeds = sorted({r["seed"] for r in rows})
+    paper = study.get("paper") or {}
+    for variant in study["variants"]:
+        vr = [r for r in rows if r["variant"] == variant]
+
+        def cell(img, win, ft, vr=vr):
+            return _stats([r["top1"] for r in vr if r["eval_img_size"] == img and r["eval_window"] == win
+                           and r["finetuned"] == ft])
+
+        cells = [cell(t_img[0], t_win[0], False)]
+        for img, win in evals:
+            cells.append(f"{cell(img, win, False)} / {cell(img, win, True)}" if has_ft else cell(img, win, False))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        if variant in paper:
+            lines.append(f"| {variant} (paper) | " + " | ".join(str(c) for c in paper[variant]) + " |")
+    lines.append("")
+    lines.append(f"top-1 (%) on the validation split, mean ± std over {len(seeds)} seed(s) {seeds}; "
+                 f"direct = trained weights moved to the new size without training, ft = after the short fine-tune.")
+    return "\n".join(lines)
+
+
+def plot_results(study: Dict[str, Any], rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [False, True] if study.get("finetune") else [False]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+    t_win = to_2tuple(study["train"]["window_size"])[0]
+    for ax, ft in zip(axes[0], modes):
+        for variant in study["variants"]:
+            wins = sorted({r["eval_window"] for r in rows if r["variant"] == variant})
+            xs, ys, es = [], [], []
+            for w in wins:
+                vals = [r["top1"] for r in rows if r["variant"] == variant and r["eval_window"] == w
+                        and (r["finetuned"] == ft or w == t_win)]
+                if vals:
+                    xs.append(w)
+                    ys.append(statistics.fmean(vals))
+                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=variant)
+        ax.set_title(f"{study['study']}: {'after fine-tune' if ft else 'without fine-tune'}")
+        ax.set_xlabel(f"eval window (train window {t_win})")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rank_zero() -> bool:
+    """Under a multi-GPU study (DDP re-launches this command per rank) only rank 0 writes the results."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def write_outputs(study: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, plot: bool = False) -> None:
+    if not _rank_zero():
+        return
+    tmp = out / "results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in CSV_FIELDS})
+    tmp.replace(out / "results.csv")
+    (out / "results.md").write_text(summarise(study, rows) + "\n")
+    if plot and rows:
+        plot_results(study, rows, out / "results.png")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(argv or [])
+    if argv and argv[0] == "ablate":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="python -m swinlab ablate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="study yaml (experiments/ablations/*.yaml)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/ablations/<study>)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
+    args = parser.parse_args(argv)
+    study = load_study(args.config)
+    if args.seeds:
+        study["seeds"] = args.seeds
+    out = Path(args.out or Path("runs") / "ablations" / study["study"])
+    started = time.perf_counter()
+    rows = run_study(study, out)
+    print(summarise(study, rows))
+    print(json.dumps(dict(out=str(out), rows=len(rows), minutes=round((time.perf_counter() - started) / 60, 2))))
+    if any(not math.isfinite(r["top1"]) for r in rows):
+        return 1
+    return 0

@@ -1,0 +1,202 @@
+"""SimMIM masked image modelling with any swinlab encoder (V1 or V2): how SwinV2-G was pretrained.
+
+Random masking of ``mask_patch_size`` squares (exactly ceil(ratio * count) per image), a learnable mask token
+substituted after the patch embedding, the Swin encoder, and a one-layer decoder (1x1 conv to stride^2 * 3 channels
++ PixelShuffle). The loss is L1 on masked pixels only, divided by the masked pixel count and the channel count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import create_model
+from .optim import param_groups, scaled_lr, warmup_cosine_scheduler
+
+
+class MaskGenerator:
+    """Per-image random masks over ``mask_patch_size`` squares, returned at the model's token resolution."""
+
+    def __init__(self, img_size: Tuple[int, int], mask_patch_size: int, model_patch_size: int, mask_ratio: float):
+        h, w = img_size
+        if not 0.0 < mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio={mask_ratio} must be between 0 and 1 (SimMIM uses 0.6)")
+        if mask_patch_size % model_patch_size:
+            raise ConfigError(f"mask_patch_size={mask_patch_size} is not a multiple of the model's patch size "
+                              f"{model_patch_size}: use a multiple such as {model_patch_size * 8}")
+        if h % mask_patch_size or w % mask_patch_size:
+            raise ConfigError(f"image size {h}x{w} is not divisible by mask_patch_size={mask_patch_size}: pick a "
+                              f"mask patch size dividing the image size")
+        self.grid = (h // mask_patch_size, w // mask_patch_size)
+        self.scale = mask_patch_size // model_patch_size
+        self.count = self.grid[0] * self.grid[1]
+        self.num_masked = int(math.ceil(self.count * mask_ratio))
+
+    def __call__(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B, H/patch, W/patch) bool token mask, True where masked."""
+        noise = torch.rand(batch_size, self.count, generator=generator, device=generator.device if generator else None)
+        ranks = noise.argsort(dim=1).argsort(dim=1)
+        mask = (ranks < self.num_masked).view(batch_size, *self.grid)
+        mask = mask.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)
+        return mask.to(device) if device is not None else mask
+
+
+class MaskedImageModeling(pl.LightningModule):
+    """SimMIM pretraining of a registry Swin model.
+
+    Args:
+        model_name: registry name of the encoder (V1 or V2); ``model_kwargs`` as for ImageClassifier.
+        mask_patch_size, mask_ratio: SimMIM defaults 32 and 0.6; checked against the image and patch sizes.
+        base_lr, warmup_lr, min_lr: per 512 images (scaled by the global batch), AdamW + warmup + cosine;
+            layer decay is off in pretraining.
+        log_images: how many validation images to log (input, masked input, reconstruction) each validation.
+    """
+
+    def __init__(
+            self,
+            model_name: str = "swinv2_pico_patch2_window4_32",
+            model_kwargs: Optional[Dict[str, Any]] = None,
+            checkpoint: Optional[str] = None,
+            mask_patch_size: int = 32,
+            mask_ratio: float = 0.6,
+            base_lr: float = 1e-4,
+            warmup_lr: float = 5e-7,
+            min_lr: float = 5e-6,
+            scale_lr: bool = True,
+            warmup_epochs: float = 10.0,
+            warmup_steps: Optional[int] = None,
+            weight_decay: float = 0.05,
+            betas: Tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8,
+            log_images: int = 8,
+            compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs = dict(model_kwargs or {})
+        if "num_classes" in kwargs:
+            raise ConfigError("model_kwargs.num_classes is not used in SimMIM pretraining (the encoder has no head): "
+                              "remove it")
+        self.model_name = model_name
+        self.encoder = create_model(model_name, checkpoint=checkpoint, num_classes=0, **kwargs)
+        enc = self.encoder
+        self.mask_generator = MaskGenerator(enc.img_size, mask_patch_size, enc.patch_size, mask_ratio)
+        self.in_chans = enc.config["in_chans"]
+        self.encoder_stride = enc.patch_size * 2 ** (enc.num_layers - 1)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, enc.config["embed_dim"]))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(enc.num_features, self.encoder_stride ** 2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.encoder_stride))
+        self._configured = False
+
+    # -- model ----------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        self._configured = True
+        from .sharding import shard_swin
+        shard_swin(self.encoder, self.device_mesh)
+        if self.hparams.compile:
+            self.encoder.compile()
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(self.encoder.config)}
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Images and token mask -> (B, C_last, H/stride, W/stride) features."""
+        enc = self.encoder
+        z = enc.patch_embed(x)
+        w = mask.unsqueeze(-1).to(z.dtype)
+        z = z * (1.0 - w) + self.mask_token.to(z.dtype) * w
+        z = enc.norm(enc.layers(z))
+        return z.permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss, reconstruction)."""
+        rec = self.decoder(self.encode(x, mask))
+        p = self.encoder.patch_size
+        pixel_mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(x.dtype)
+        loss = self.masked_l1(x, rec, pixel_mask, self.in_chans)
+        return loss, rec
+
+    @staticmethod
+    def masked_l1(x: torch.Tensor, rec: torch.Tensor, pixel_mask: torch.Tensor, in_chans: int) -> torch.Tensor:
+        """L1 over masked pixels only, normalised by the masked pixel count and the channels (SimMIM)."""
+        err = F.l1_loss(rec.float(), x.float(), reduction="none")
+        return (err * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / in_chans
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def _images(self, batch) -> torch.Tensor:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = self._images(batch)
+        mask = self.mask_generator(x.shape[0], device=x.device)
+        loss, _ = self(x, mask)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = self._images(batch)
+        g = torch.Generator().manual_seed(batch_idx)  # the same masks every validation
+        mask = self.mask_generator(x.shape[0], device=x.device, generator=g)
+        loss, rec = self(x, mask)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0 and self.hparams.log_images > 0:
+            self._log_reconstruction(x, mask, rec)
+        return loss
+
+    def _log_reconstruction(self, x: torch.Tensor, mask: torch.Tensor, rec: torch.Tensor) -> None:
+        logger = self.logger
+        experiment = getattr(logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_images") or self.global_rank != 0:
+            return
+        n = min(self.hparams.log_images, x.shape[0])
+        p = self.encoder.patch_size
+        pm = mask[:n].repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(x.dtype)
+        x, rec = x[:n].float(), rec[:n].float()
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+
+        def show(t: torch.Tensor) -> torch.Tensor:
+            return ((t - lo) / (hi - lo + 1e-6)).clamp(0, 1)[:, :3].cpu()
+
+        step = self.global_step
+        experiment.add_images("simmim/input", show(x), step)
+        experiment.add_images("simmim/masked_input", show(x * (1 - pm) + lo * pm), step)
+        experiment.add_images("simmim/reconstruction", show(rec * pm + x * (1 - pm)), step)
+
+    # -- optimisation ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        lrs = {"lr": hp.base_lr, "warmup_lr": hp.warmup_lr, "min_lr": hp.min_lr}
+        dm = getattr(self.trainer, "datamodule", None)
+        bs = getattr(dm, "batch_size", None)
+        if hp.scale_lr and bs is not None:
+            gb = int(bs) * int(self.trainer.accumulate_grad_batches) * int(self.trainer.world_size)
+            lrs = {k: scaled_lr(v, gb) for k, v in lrs.items()}
+        groups = param_groups(self, weight_decay=hp.weight_decay,
+                              keywords=tuple(self.encoder.no_weight_decay_keywords()) + ("mask_token",))
+        optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=tuple(hp.betas), eps=hp.eps,
+                                      weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or math.isinf(total):
+            raise ConfigError("the training length is unbounded: set trainer.max_epochs or trainer.max_steps")
+        if hp.warmup_steps is not None:
+            warmup = int(hp.warmup_steps)
+        else:
+            per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+            warmup = int(round(hp.warmup_epochs * per_epoch))
+        scheduler = warmup_cosine_scheduler(optimizer, total_steps=total, warmup_steps=warmup,
+                                            warmup_lr=lrs["warmup_lr"], min_lr=lrs["min_lr"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)

@@ -1,0 +1,100 @@
+"""`python -m swinlab ablate`: a tiny study end to end, transfer from the trained weights, early errors."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from swinlab.ablate import CSV_FIELDS, check_study, load_study, transfer
+from swinlab.errors import ConfigError
+from swinlab.models import create_model, read_checkpoint
+
+TINY = {
+    "study": "tiny",
+    "seeds": [0],
+    "model": {"model_name": "swin_pico_patch2_window4_32", "num_classes": 10, "base_lr": 1.6e-2,
+              "warmup_steps": 1, "mixup": 0.0, "cutmix": 0.0},
+    "data": {"class_path": "swinlab.data.DigitsDataModule",
+             "init_args": {"batch_size": 32, "max_shift": 0, "val_fraction": 0.1}},
+    "train": {"img_size": 32, "window_size": 4, "trainer": {"max_steps": 4}},
+    "eval": [{"img_size": 32, "window_size": 8}, {"img_size": 32, "window_size": 16}],
+    "finetune": {"trainer": {"max_steps": 2}, "model": {"base_lr": 1e-3, "warmup_steps": 0}},
+    "variants": {"table": {"position_bias": "table"}, "log_cpb": {"position_bias": "cpb_log"}},
+}
+
+
+def write_study(tmp_path, study):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_tiny_study_end_to_end_through_the_cli(tmp_path):
+    path = write_study(tmp_path, TINY)
+    out = tmp_path / "out"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(path), "--out", str(out)],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(rows[0].keys()) == CSV_FIELDS
+    # 2 variants x 1 seed x (train size + 2 eval sizes x {direct, fine-tuned})
+    assert len(rows) == 2 * (1 + 2 * 2)
+    assert {(r["eval_img_size"], r["eval_window"], r["finetuned"]) for r in rows} == {
+        ("32", "4", "False"), ("32", "8", "False"), ("32", "8", "True"), ("32", "16", "False"), ("32", "16", "True")}
+    for r in rows:
+        assert math.isfinite(float(r["top1"])) and 0 <= float(r["top1"]) <= float(r["top5"]) <= 100
+    md = (out / "results.md").read_text()
+    assert "| tiny | W4, I32 (train) | W8, I32 (direct / ft) | W16, I32 (direct / ft) |" in md
+    assert md.count("| table |") == 1 and md.count("| log_cpb |") == 1
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert sorted(p.name for p in (out / "tb").iterdir()) == ["log_cpb", "table"]  # one TensorBoard run per variant
+
+
+def test_evaluation_after_transfer_uses_the_trained_weights(tmp_path):
+    trained = create_model("swin_pico_patch2_window4_32", num_classes=10)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    from swinlab.models import save_safetensors
+    path = save_safetensors(trained, tmp_path / "w.safetensors", "swin_pico_patch2_window4_32")
+    moved = transfer(str(path), "swin_pico_patch2_window4_32", [32, 32], [8, 8])
+    fresh = create_model("swin_pico_patch2_window4_32", num_classes=10, window_size=8)
+    sd, _ = read_checkpoint(path)
+    for k, v in moved.state_dict().items():
+        if "relative_position_bias_table" in k:
+            assert v.shape[0] == 15 * 15 or v.shape == sd[k].shape  # stage 1 and 2 tables grew to W8
+        else:
+            assert torch.equal(v, sd[k]), k
+            if v.numel() > 1 and "norm" not in k:
+                assert not torch.equal(v, fresh.state_dict()[k]), k  # not a re-initialised model
+
+
+def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path):
+    bad = dict(TINY, eval=[{"img_size": 32, "window_size": 5}])
+    with pytest.raises(ConfigError, match="window 5x5 cannot tile the 16x16 token grid"):
+        check_study(bad)
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(write_study(tmp_path, bad)),
+                          "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: eval #1: window 5x5 cannot tile")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="not divisible by the patch size 2"):
+        check_study(dict(TINY, eval=[{"img_size": 33, "window_size": 4}]))
+    with pytest.raises(ConfigError, match="has no 'variants:' section"):
+        load_study(str(write_study(tmp_path, {k: v for k, v in TINY.items() if k != "variants"})))
+
+
+def test_shipped_studies_are_valid():
+    for name in ("pos_bias_transfer", "norm_attn", "pos_bias_transfer_imagenet", "norm_attn_imagenet"):
+        study = load_study(str(ROOT / "experiments" / "ablations" / f"{name}.yaml"))
+        assert len(study["variants"]) == 3
+        if not name.endswith("imagenet"):
+            assert len(study["seeds"]) >= 3
