@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import create_model
-from .optim import param_groups, scaled_lr, warmup_cosine_scheduler
+from .optim import param_groups, recipe_optimizer
 
 
 class MaskGenerator:
@@ -53,8 +53,8 @@ class MaskedImageModeling(pl.LightningModule):
     Args:
         model_name: registry name of the encoder (V1 or V2); ``model_kwargs`` as for ImageClassifier.
         mask_patch_size, mask_ratio: SimMIM defaults 32 and 0.6; checked against the image and patch sizes.
-        base_lr, warmup_lr, min_lr: per 512 images (scaled by the global batch), AdamW + warmup + cosine;
-            layer decay is off in pretraining.
+        base_lr, warmup_lr, min_lr: per 512 images (scaled by the global batch): SimMIM's cosine-schedule settings
+            (2e-4, 1e-6, 1e-5), AdamW (0.9, 0.999), weight decay 0.05, 10 warmup epochs; no layer decay.
         log_images: how many validation images to log (input, masked input, reconstruction) each validation.
     """
 
@@ -65,9 +65,9 @@ class MaskedImageModeling(pl.LightningModule):
             checkpoint: Optional[str] = None,
             mask_patch_size: int = 32,
             mask_ratio: float = 0.6,
-            base_lr: float = 1e-4,
-            warmup_lr: float = 5e-7,
-            min_lr: float = 5e-6,
+            base_lr: float = 2e-4,
+            warmup_lr: float = 1e-6,
+            min_lr: float = 1e-5,
             scale_lr: bool = True,
             warmup_epochs: float = 10.0,
             warmup_steps: Optional[int] = None,
@@ -97,6 +97,11 @@ class MaskedImageModeling(pl.LightningModule):
         self._configured = False
 
     # -- model ----------------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The encoder (the monitoring/export callbacks look for ``model``); not registered twice."""
+        return self.encoder
+
     def configure_model(self) -> None:
         if self._configured:
             return
@@ -176,27 +181,13 @@ class MaskedImageModeling(pl.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        lrs = {"lr": hp.base_lr, "warmup_lr": hp.warmup_lr, "min_lr": hp.min_lr}
-        dm = getattr(self.trainer, "datamodule", None)
-        bs = getattr(dm, "batch_size", None)
-        if hp.scale_lr and bs is not None:
-            gb = int(bs) * int(self.trainer.accumulate_grad_batches) * int(self.trainer.world_size)
-            lrs = {k: scaled_lr(v, gb) for k, v in lrs.items()}
         groups = param_groups(self, weight_decay=hp.weight_decay,
                               keywords=tuple(self.encoder.no_weight_decay_keywords()) + ("mask_token",))
-        optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=tuple(hp.betas), eps=hp.eps,
-                                      weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        if total <= 0 or math.isinf(total):
-            raise ConfigError("the training length is unbounded: set trainer.max_epochs or trainer.max_steps")
-        if hp.warmup_steps is not None:
-            warmup = int(hp.warmup_steps)
-        else:
-            per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
-            warmup = int(round(hp.warmup_epochs * per_epoch))
-        scheduler = warmup_cosine_scheduler(optimizer, total_steps=total, warmup_steps=warmup,
-                                            warmup_lr=lrs["warmup_lr"], min_lr=lrs["min_lr"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        conf = recipe_optimizer(self.trainer, groups, base_lr=hp.base_lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
+                                scale_lr=hp.scale_lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                                warmup_epochs=hp.warmup_epochs, warmup_steps=hp.warmup_steps)
+        conf.pop("lrs")
+        return conf
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)

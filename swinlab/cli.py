@@ -1,0 +1,133 @@
+"""``python -m swinlab fit|validate|test|predict --config experiments/<name>.yaml`` through LightningCLI.
+
+Defaults: TensorBoard logging under ``runs/<name>/version_<n>`` (relative to the working directory), a
+ModelCheckpoint on ``val/acc1`` plus ``last.ckpt``, per-group LR, throughput/memory/grad-norm/logit-scale scalars,
+position-bias and attention images, and ``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last``
+resumes the newest run of that name in place.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import AttentionImages, ExportBest, TrainingMonitor
+from .errors import ConfigError, SwinlabError
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+               "init_args": {"save_dir": "runs", "name": "swinlab"}},
+    "gradient_clip_val": 5.0,
+    "log_every_n_steps": 10,
+}
+
+
+class SwinlabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                             "checkpoint.filename": "epoch{epoch:03d}-acc1_{val/acc1:.4f}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
+        parser.add_lightning_class_args(AttentionImages, "attention_images")
+        parser.add_lightning_class_args(ExportBest, "export")
+        parser.add_argument("--threads", type=Optional[int], default=None,
+                            help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg["threads"]))
+        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
+            self._resolve_last(cfg)
+
+    @staticmethod
+    def _resolve_last(cfg) -> None:
+        """Point ``ckpt_path`` at the newest ``last.ckpt`` of this run name and log into the same version."""
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if init is None or not hasattr(init, "save_dir"):
+            return  # not a TensorBoard-style logger: leave "last" to Lightning
+        root = Path(init.save_dir) / (init.get("name") or "")
+        version = init.get("version")
+        if version is not None:
+            found = root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints" / "last.ckpt"
+            found = found if found.is_file() else None
+        else:
+            runs = [p for p in root.glob("version_*/checkpoints/last.ckpt")]
+            found = max(runs, key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or -1), default=None)
+        if found is None:
+            raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints: drop --ckpt_path "
+                              f"to start a new run, or give the checkpoint file")
+        init.version = found.parent.parent.name
+        cfg.ckpt_path = str(found)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The informative line of an exception message (DataLoader workers wrap the original in a traceback)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if len(lines) > 1:
+        for ln in reversed(lines):
+            m = re.match(r"^[\w.]*(ConfigError|CheckpointError|SwinlabError): (.*)$", ln)
+            if m:
+                return m.group(2)
+    return lines[0] if lines else type(exc).__name__
+
+
+_PARSER_NOISE = re.compile(r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|"
+                           r"Expected a <class 'NoneType'>|Given value type:|Given value:)")
+
+
+def parser_message(exc: BaseException) -> str:
+    """jsonargparse's nested multi-line error as one line: the key path and the innermost reason."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    kept = [ln[2:] if ln.startswith("- ") else ln for ln in lines if not _PARSER_NOISE.match(ln)]
+    text = " ".join(kept).replace(": :", ":")
+    return text[:600] or type(exc).__name__
+
+
+def _swinlab_cause(exc: BaseException) -> Optional[SwinlabError]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SwinlabError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run a LightningCLI subcommand; bad settings raise ConfigError with one line naming the problem."""
+    from jsonargparse import ArgumentError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    saved_argv = sys.argv
+    sys.argv = sys.argv[:1]  # the arguments come through ``args``
+    try:
+        SwinlabCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   args=argv, trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                   auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False})
+    except ArgumentError as exc:
+        cause = _swinlab_cause(exc)
+        if cause is not None:
+            raise type(cause)(_one_line(cause)) from None
+        raise ConfigError(f"invalid configuration: {parser_message(exc)} (see `python -m swinlab {argv[0]} --help` "
+                          f"or --print_config for the accepted keys)") from None
+    except SwinlabError as exc:
+        raise type(exc)(_one_line(exc)) from None
+    except Exception as exc:
+        cause = _swinlab_cause(exc)
+        if cause is None:
+            raise
+        raise type(cause)(_one_line(cause)) from None
+    finally:
+        sys.argv = saved_argv
+    return 0

@@ -1,0 +1,202 @@
+"""ImageClassifier: any registry Swin model trained with the official recipe through Lightning."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..errors import ConfigError
+from ..models import create_model
+from .optim import global_batch_size, param_groups, recipe_optimizer
+
+
+class ImageClassifier(pl.LightningModule):
+    """Swin classifier with the official ImageNet recipe as defaults.
+
+    Args:
+        model_name: registry name or alias (``python -m swinlab models``).
+        num_classes: classifier width.
+        model_kwargs: overrides passed to ``create_model`` (img_size, window_size, drop_path_rate,
+            grad_checkpointing, fused_attn, attn_chunk_size, position_bias, ...).
+        checkpoint: weights to start from (swinlab safetensors, Lightning .ckpt, timm or official file); the head
+            is re-initialised when its class count differs.
+        compile: ``torch.compile`` the backbone (in place, so checkpoint keys do not change).
+        base_lr, warmup_lr, min_lr: per 512 images; scaled by the global batch (batch x accumulation x devices)
+            unless ``scale_lr`` is false.
+        warmup_epochs: linear warmup length (per-step schedule); ``warmup_steps`` overrides it.
+        weight_decay: on weights only: biases, norms, relative_position_bias_table, cpb_mlp, logit_scale get none.
+        layer_decay: layer-wise LR decay for fine-tuning (e.g. 0.9), None for off.
+        label_smoothing: used alone or inside Mixup/CutMix.
+        mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode: timm Mixup (off when mixup and cutmix are 0).
+        ema_decay: keep an EMA of the weights (timm ModelEmaV3) and validate it too (``val/acc1_ema``); None: off.
+    """
+
+    def __init__(
+            self,
+            model_name: str = "swinv2_pico_patch2_window4_32",
+            num_classes: int = 1000,
+            model_kwargs: Optional[Dict[str, Any]] = None,
+            checkpoint: Optional[str] = None,
+            compile: bool = False,
+            base_lr: float = 5e-4,
+            warmup_lr: float = 5e-7,
+            min_lr: float = 5e-6,
+            scale_lr: bool = True,
+            warmup_epochs: float = 20.0,
+            warmup_steps: Optional[int] = None,
+            weight_decay: float = 0.05,
+            betas: Tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8,
+            layer_decay: Optional[float] = None,
+            label_smoothing: float = 0.1,
+            mixup: float = 0.8,
+            cutmix: float = 1.0,
+            mixup_prob: float = 1.0,
+            mixup_switch_prob: float = 0.5,
+            mixup_mode: str = "batch",
+            ema_decay: Optional[float] = None,
+            ema_warmup: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if num_classes < 1:
+            raise ConfigError(f"num_classes={num_classes} must be >= 1: set model.init_args.num_classes")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay={layer_decay} must be in (0, 1]: e.g. 0.9 for fine-tuning, null for off")
+        if mixup_mode not in ("batch", "pair", "elem"):
+            raise ConfigError(f"mixup_mode={mixup_mode!r} is unknown: use batch, pair or elem")
+        kwargs = dict(model_kwargs or {})
+        for key in ("num_classes", "checkpoint"):
+            if key in kwargs:
+                raise ConfigError(f"model_kwargs.{key} is not allowed: set model.init_args.{key} instead")
+        self.model_name = model_name
+        try:
+            self.model = create_model(model_name, checkpoint=checkpoint, num_classes=num_classes, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model_kwargs for {model_name!r} are invalid ({exc}): use SwinTransformer "
+                              f"constructor arguments") from None
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+            self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                                  switch_prob=mixup_switch_prob, mode=mixup_mode, label_smoothing=label_smoothing,
+                                  num_classes=num_classes)
+            from timm.loss import SoftTargetCrossEntropy
+            self.train_loss = SoftTargetCrossEntropy()
+        else:
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.val_loss = nn.CrossEntropyLoss()
+        self.ema = None
+        if ema_decay is not None:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup)
+            self.ema.requires_grad_(False)
+        top5 = min(5, num_classes)
+        self.val_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
+        if self.ema is not None:
+            self.val_acc1_ema = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
+        self._configured = False
+
+    # -- model set-up ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Shard with FSDP2 under ModelParallelStrategy (each block, then the whole model); compile if asked."""
+        if self._configured:
+            return
+        self._configured = True
+        mesh = self.device_mesh
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+            for blk in self.model.blocks():
+                fully_shard(blk, mesh=dp_mesh)
+            fully_shard(self.model, mesh=dp_mesh)
+        if self.hparams.compile:
+            self.model.compile()
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        n = getattr(dm, "num_classes", None)
+        if n is not None and n != self.hparams.num_classes:
+            raise ConfigError(f"the data has {n} classes but model.init_args.num_classes is "
+                              f"{self.hparams.num_classes}: set model.init_args.num_classes: {n}")
+        size = getattr(dm, "img_size", None)
+        if size is not None:
+            want = tuple(self.model.img_size)
+            got = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+            if got != want:
+                raise ConfigError(f"data.init_args.img_size is {got[0]}x{got[1]} but the model is built for "
+                                  f"{want[0]}x{want[1]}: set model.init_args.model_kwargs.img_size: {got[0]} "
+                                  f"or change the data size")
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(self.model.config)}
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        if self.mixup_fn is not None:
+            if x.shape[0] % 2:
+                raise ConfigError(f"Mixup/CutMix needs an even batch, got {x.shape[0]}: use an even batch_size "
+                                  f"and drop_last (the swinlab data modules do)")
+            x, y = self.mixup_fn(x, y)
+        logits = self.model(x)
+        loss = self.train_loss(logits, y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def _eval_step(self, batch, prefix: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        loss = self.val_loss(logits, y)
+        acc1, acc5 = (self.val_acc1, self.val_acc5) if prefix == "val" else (self.test_acc1, self.test_acc5)
+        acc1(logits, y)
+        acc5(logits, y)
+        bs = x.shape[0]
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log(f"{prefix}/acc1", acc1, prog_bar=True, batch_size=bs)
+        self.log(f"{prefix}/acc5", acc5, batch_size=bs)
+        if prefix == "val" and self.ema is not None:
+            self.val_acc1_ema(self.ema.module(x), y)
+            self.log("val/acc1_ema", self.val_acc1_ema, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self.model(x).softmax(-1)
+        conf, pred = probs.max(-1)
+        return {"pred": pred, "conf": conf}
+
+    # -- optimisation ---------------------------------------------------------------------------------------------
+    def global_batch_size(self) -> Optional[int]:
+        return global_batch_size(self._trainer) if self._trainer is not None else None
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self.model, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay)
+        conf = recipe_optimizer(self.trainer, groups, base_lr=hp.base_lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
+                                scale_lr=hp.scale_lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                                warmup_epochs=hp.warmup_epochs, warmup_steps=hp.warmup_steps)
+        self.scaled_lrs = conf.pop("lrs")
+        return conf
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)

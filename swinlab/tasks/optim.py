@@ -1,0 +1,140 @@
+"""Parameter groups (weight decay / no decay / layer-wise LR decay) and the warmup + cosine schedule.
+
+Kept free of Lightning so tests and other tools can check the grouping without training.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+# Parameter-name fragments trained without weight decay in the official recipe (V1 table, V2 CPB MLP and logit
+# scale). Biases and every 1-D parameter (norm weights, q/v biases) are excluded as well.
+NO_DECAY_KEYWORDS: Tuple[str, ...] = ("relative_position_bias_table", "cpb_mlp", "logit_scale")
+
+
+def is_no_decay(name: str, param: torch.Tensor, keywords: Iterable[str] = NO_DECAY_KEYWORDS) -> bool:
+    """True for parameters the official recipe does not decay: biases, norms/1-D tensors and the keyword matches.
+
+    Keywords match any dotted component of the name (``layers.0.blocks.1.attn.cpb_mlp.0.weight`` matches
+    ``cpb_mlp``); timm's training script compares whole names instead, so its V2 exclusions never match.
+    """
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return True
+    parts = name.split(".")
+    return any(k in parts or name.endswith(k) for k in keywords)
+
+
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """Layer index for layer-wise LR decay: 0 for the patch embedding, 1..sum(depths) for the blocks in order,
+    sum(depths)+1 for the final norm and head. A patch merging at the start of stage i shares the id of the last
+    block of stage i-1 (the official layout puts it at that stage's end)."""
+    if name.startswith("patch_embed") or name in ("absolute_pos_embed",):
+        return 0
+    m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+    if m:
+        i, j = int(m.group(1)), int(m.group(2))
+        return sum(depths[:i]) + j + 1
+    m = re.match(r"layers\.(\d+)\.downsample\.", name)
+    if m:
+        return sum(depths[: int(m.group(1))])
+    return sum(depths) + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Optional[float] = None,
+                 keywords: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups for a SwinTransformer.
+
+    Each group holds ``params``, ``weight_decay``, ``name`` (``decay``/``no_decay``, with ``_l<id>`` under layer
+    decay) and, with ``layer_decay``, ``lr_scale = layer_decay ** (num_layers + 1 - id)`` which timm's schedulers
+    apply on top of the scheduled LR. Frozen parameters are left out.
+    """
+    if keywords is None:
+        keywords = getattr(model, "no_weight_decay_keywords", lambda: NO_DECAY_KEYWORDS)()
+    keywords = tuple(keywords)
+    depths = list(getattr(model, "config", {}).get("depths", []))
+    total = sum(depths) + 1
+    groups: Dict[str, Dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = is_no_decay(name, p, keywords)
+        key = "no_decay" if no_decay else "decay"
+        scale = 1.0
+        if layer_decay is not None and layer_decay != 1.0:
+            lid = layer_id(name, depths)
+            key = f"{key}_l{lid}"
+            scale = float(layer_decay) ** (total - lid)
+        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [],
+                                        "weight_decay": 0.0 if no_decay else float(weight_decay)})
+        if layer_decay is not None and layer_decay != 1.0:
+            group["lr_scale"] = scale
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def scaled_lr(lr: float, global_batch: int, reference_batch: int = 512) -> float:
+    """The official linear scaling rule: ``lr * global_batch / 512``."""
+    return lr * global_batch / reference_batch
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int,
+                            warmup_lr: float, min_lr: float):
+    """timm's CosineLRScheduler stepped per update: linear warmup from ``warmup_lr`` over ``warmup_steps``, then
+    cosine from each group's LR down to ``min_lr`` at ``total_steps`` (groups' ``lr_scale`` applied on top)."""
+    from timm.scheduler import CosineLRScheduler
+
+    warmup_steps = max(0, min(int(warmup_steps), int(total_steps) - 1))
+    return CosineLRScheduler(optimizer, t_initial=max(1, int(total_steps) - warmup_steps), lr_min=min_lr,
+                             warmup_t=warmup_steps, warmup_lr_init=warmup_lr, warmup_prefix=True, cycle_limit=1,
+                             t_in_epochs=False)
+
+
+def global_batch_size(trainer: Any) -> Optional[int]:
+    """batch_size x gradient accumulation x world size, or None when the data module has no ``batch_size``."""
+    bs = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if bs is None:
+        return None
+    return int(bs) * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+
+
+def steps_per_epoch(trainer: Any) -> int:
+    """Optimizer steps per epoch; works before the train dataloader is loaded (``max_steps`` runs)."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        dm = getattr(trainer, "datamodule", None)
+        try:
+            batches = len(dm.train_dataloader())
+        except Exception:  # no sized loader: warmup_epochs cannot be converted, one step per epoch
+            batches = 1
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def recipe_optimizer(trainer: Any, groups: List[Dict[str, Any]], *, base_lr: float, warmup_lr: float, min_lr: float,
+                     scale_lr: bool, betas: Sequence[float], eps: float, weight_decay: float, warmup_epochs: float,
+                     warmup_steps: Optional[int]) -> Dict[str, Any]:
+    """AdamW + per-step linear warmup and cosine decay, LRs scaled by global batch / 512 (the official recipe)."""
+    import warnings
+
+    from ..errors import ConfigError
+
+    lrs = {"lr": base_lr, "warmup_lr": warmup_lr, "min_lr": min_lr}
+    if scale_lr:
+        gb = global_batch_size(trainer)
+        if gb is None:
+            warnings.warn("global batch size unknown (the data module has no batch_size): LR not scaled",
+                          stacklevel=2)
+        else:
+            lrs = {k: scaled_lr(v, gb) for k, v in lrs.items()}
+    optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total) or int(total) <= 0:
+        raise ConfigError("the training length is unbounded: set trainer.max_epochs or trainer.max_steps")
+    warmup = int(warmup_steps) if warmup_steps is not None else int(round(warmup_epochs * steps_per_epoch(trainer)))
+    scheduler = warmup_cosine_scheduler(optimizer, total_steps=int(total), warmup_steps=warmup,
+                                        warmup_lr=lrs["warmup_lr"], min_lr=lrs["min_lr"])
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}, "lrs": lrs}

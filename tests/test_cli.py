@@ -1,0 +1,178 @@
+"""`python -m swinlab fit|validate ...` through LightningCLI: configs, errors, TensorBoard, checkpoints, resume."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from swinlab.cli import main
+from swinlab.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+PICO = "swinv2_pico_patch2_window4_32"
+
+TINY = f"""
+seed_everything: 0
+threads: 1
+model:
+  class_path: swinlab.tasks.ImageClassifier
+  init_args: {{model_name: {PICO}, num_classes: 10, model_kwargs: {{img_size: 16}}, warmup_steps: 2,
+               mixup: 0.8, cutmix: 1.0, base_lr: 0.02}}
+data:
+  class_path: swinlab.data.DigitsDataModule
+  init_args: {{img_size: 16, batch_size: 16}}
+trainer:
+  accelerator: cpu
+  max_epochs: 2
+  limit_train_batches: 2
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: runs, name: tiny}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The configs' ``threads: 1`` (no OpenMP spin-waiting on a shared CPU) must not leak into other tests."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
+def _swinlab(args, cwd):
+    return subprocess.run([sys.executable, "-m", "swinlab", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_prints_its_config(config, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["class_path"].startswith("swinlab.tasks.")
+    assert cfg["model"]["init_args"]["model_name"]
+    assert cfg["data"]["class_path"].startswith("swinlab.data.")
+    assert cfg["checkpoint"]["save_last"] is True and cfg["trainer"]["gradient_clip_val"] == 5.0
+    if cfg["model"]["class_path"] == "swinlab.tasks.ImageClassifier":
+        assert cfg["checkpoint"]["monitor"] == "val/acc1"
+
+
+def test_experiment_names_cover_the_families():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"quickstart", "v1_t", "v1_s", "v1_b", "v1_l", "v2_t", "v2_s", "v2_b", "v2_l", "v2_g"} <= names
+    g = yaml.safe_load((ROOT / "experiments" / "v2_g.yaml").read_text())
+    assert g["model"]["init_args"]["model_kwargs"]["grad_checkpointing"] is True
+    assert g["trainer"]["precision"] == "bf16-mixed" and "ModelParallel" in g["trainer"]["strategy"]["class_path"]
+
+
+def test_configs_compose(tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("trainer: {max_epochs: 3}\ndata: {init_args: {batch_size: 32}}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--config", str(extra),
+              "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["max_epochs"] == 3 and cfg["data"]["init_args"]["batch_size"] == 32
+    assert cfg["data"]["init_args"]["img_size"] == 32  # the rest of the first config survives
+    assert cfg["model"]["init_args"]["model_name"] == PICO
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model.init_args.foo", "1"], ["foo", "not accepted"]),
+    (["--data.init_args.batch_size", "abc"], ["batch_size", "abc"]),
+    (["--trainer.max_epochz", "3"], ["max_epochz"]),
+    (["--model.init_args.model_name", "swinv9"], ["unknown model 'swinv9'"]),
+    (["--model.init_args.num_classes", "7"], ["10 classes", "num_classes: 10"]),
+    (["--data.init_args.img_size", "32"], ["img_size", "32x32", "16x16"]),
+    (["--data", "swinlab.data.ImageFolderDataModule", "--data.init_args.data_dir", "missing_dir"],
+     ["missing_dir", "does not exist"]),
+    (["--ckpt_path", "last"], ["no last.ckpt", "runs/tiny"]),
+])
+def test_bad_config_is_one_line(tmp_path, monkeypatch, args, words):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        main(["fit", "--config", str(cfg), *args])
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_python_m_swinlab_reports_error_and_exit_code(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    out = _swinlab(["fit", "--config", "tiny.yaml", "--model.init_args.foo", "1"], tmp_path)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "foo" in last
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_fit_logs_checkpoints_exports_and_resumes(tmp_path, monkeypatch):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    out = _swinlab(["fit", "--config", "tiny.yaml"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    ea = _events(run)
+    scalars = set(ea.Tags()["scalars"])
+    for tag in ("train/loss", "val/loss", "val/acc1", "val/acc5", "lr-AdamW/decay", "lr-AdamW/no_decay",
+                "train/grad_norm", "train/images_per_sec", "train/peak_mem_bytes", "logit_scale/s0b0",
+                "logit_scale/s3b1"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert ea.Scalars("train/images_per_sec")[-1].value > 0 and ea.Scalars("train/peak_mem_bytes")[-1].value > 1e6
+    decay = [e.value for e in ea.Scalars("lr-AdamW/decay")]
+    assert decay[0] == pytest.approx(5e-7 * 16 / 512) and max(decay) == pytest.approx(0.02 * 16 / 512)
+    assert len(ea.Scalars("val/acc1")) == 2
+    images = set(ea.Tags()["images"])
+    assert {f"position_bias/stage{i}" for i in range(4)} | {"attention/stage0"} <= images
+    img = ea.Images("position_bias/stage3")[-1]
+    assert img.width > img.height > 1  # 8 heads side by side
+    assert len(ea.Images("attention/stage0")) == 2  # once per validation epoch
+    plugins = {ea.summary_metadata[t].plugin_data.plugin_name for t in ea.summary_metadata}
+    assert "hparams" in plugins and (run / "hparams.yaml").is_file()
+
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("epoch") for n in ckpts)
+    best = next(p for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch"))
+    from swinlab.models import create_model
+    from swinlab.tasks import ImageClassifier
+    exported = create_model(PICO, checkpoint=str(run / "best.safetensors")).eval()
+    state = torch.load(best, weights_only=True)
+    module = ImageClassifier(model_name=PICO, num_classes=10, model_kwargs={"img_size": 16})
+    module.load_state_dict(state["state_dict"])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), module.eval()(x), atol=1e-6)
+    assert tuple(exported.img_size) == (16, 16)
+
+    before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert before["global_step"] == 4
+    # resume in-process (same CLI entry point as `python -m swinlab`, without a second interpreter start-up)
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", "tiny.yaml", "--ckpt_path", "last", "--trainer.max_epochs", "3"]) == 0
+    assert not (tmp_path / "runs" / "tiny" / "version_1").exists()  # resumed in place
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6 and last["global_step"] > before["global_step"]
+    opt_before, opt_after = before["optimizer_states"][0]["state"], last["optimizer_states"][0]["state"]
+    assert int(opt_after[0]["step"]) == int(opt_before[0]["step"]) + 2  # optimizer state carried over
+    assert len(_events(run).Scalars("val/acc1")) == 3  # the run's curves continue

@@ -1,0 +1,108 @@
+"""DataModules: digits split and loaders, synthetic images, image folders and their bad-input errors."""
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from swinlab.data import DigitsDataModule, ImageFolderDataModule, SyntheticDataModule
+from swinlab.errors import ConfigError
+
+
+def test_digits_split_shapes_and_epoch_shuffle():
+    dm = DigitsDataModule(img_size=16, batch_size=32, val_fraction=0.2)
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == 1797 and len(dm.val_set) == 360
+    x, y = dm.val_set[0]
+    assert x.shape == (3, 16, 16) and -1.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+    assert torch.equal(x[0], x[1])  # grey digits on 3 channels
+    counts = torch.bincount(dm.val_set.y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
+    again = DigitsDataModule(img_size=16, val_fraction=0.2)
+    again.setup("fit")
+    assert torch.equal(again.val_set.x, dm.val_set.x)  # fixed split
+    loader = dm.train_dataloader()
+    assert loader.drop_last and len(loader) == len(dm.train_set) // 32
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)
+        orders.append(list(loader.sampler))
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    with pytest.raises(ConfigError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.5)
+
+
+def test_synthetic_is_deterministic():
+    dm = SyntheticDataModule(img_size=[24, 16], num_classes=7, batch_size=4, train_samples=10, val_samples=6)
+    dm.setup("fit")
+    (x0, y0), (x1, _) = dm.train_set[3], dm.train_set[4]
+    assert x0.shape == (3, 24, 16) and 0 <= y0 < 7
+    assert torch.equal(dm.train_set[3][0], x0) and not torch.equal(x0, x1)
+    assert not torch.equal(dm.val_set[3][0], x0)
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (4, 3, 24, 16) and yb.dtype == torch.int64
+    assert dm.num_classes == 7
+
+
+def _image(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), color).save(path)
+
+
+def _folders(root, classes=("cat", "dog", "fox")):
+    for i, c in enumerate(classes):
+        for split in ("train", "val"):
+            for j in range(2):
+                _image(root / split / c / f"{j}.png", (40 * i, 10 * j, 200))
+    return root
+
+
+def test_image_folder_transforms_and_classes(tmp_path):
+    dm = ImageFolderDataModule(data_dir=str(_folders(tmp_path)), img_size=32, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert dm.num_classes == 3 and dm.classes == ["cat", "dog", "fox"]
+    x, y = dm.train_set[0]
+    assert x.shape == (3, 32, 32)
+    names = [type(t).__name__ for t in dm.train_set.transform.transforms]
+    assert "RandAugment" in names and "RandomErasing" in names
+    xv, yv = dm.val_set[5]
+    assert xv.shape == (3, 32, 32) and yv == 2
+    assert torch.equal(dm.val_set[5][0], xv)  # evaluation is deterministic (resize + centre crop)
+    resize = dm.val_set.transform.transforms[0]
+    assert resize.size in (36, [36], (36, 36))  # 32 / 0.875
+    assert next(iter(dm.val_dataloader()))[0].shape == (2, 3, 32, 32)
+
+
+def test_image_folder_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        ImageFolderDataModule(data_dir=str(tmp_path / "nope")).setup("fit")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no class folders"):
+        ImageFolderDataModule(data_dir=str(tmp_path / "empty")).setup("fit")
+    root = _folders(tmp_path / "d")
+    (root / "train" / "owl").mkdir()
+    (root / "train" / "owl" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="owl holds no images") as err:
+        ImageFolderDataModule(data_dir=str(root)).setup("fit")
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_image_skipped_or_fatal(tmp_path):
+    root = _folders(tmp_path)
+    bad = root / "train" / "cat" / "0.png"
+    bad.write_bytes(b"not an image at all")
+    dm = ImageFolderDataModule(data_dir=str(root), img_size=32, batch_size=2, num_workers=0, re_prob=0.0)
+    dm.setup("fit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, y = dm.train_set[0]  # the next readable image stands in
+        batches = list(dm.train_dataloader())
+    assert x.shape == (3, 32, 32) and y == 0
+    assert len(batches) == 3
+    assert dm.train_set.skipped == [str(bad)]
+    assert any("0.png" in str(w.message) and "skipped" in str(w.message) for w in caught)
+    strict = ImageFolderDataModule(data_dir=str(root), img_size=32, on_corrupt="error", num_workers=0)
+    strict.setup("fit")
+    with pytest.raises(ConfigError, match="cannot read image .*0.png"):
+        strict.train_set[0]
