@@ -47,19 +47,28 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
         if "swinlab_config" in raw_meta:
             meta = dict(model=raw_meta.get("swinlab_model"), config=json.loads(raw_meta["swinlab_config"]))
     else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"refused to load {path}: it holds Python objects that only unpickling could build "
-                f"({_first_line(exc)[:120]}); swinlab loads tensors only: save model.state_dict() or safetensors"
-            ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or not a "
-                                  f"PyTorch checkpoint; copy or export it again") from None
+        obj = safe_torch_load(path)
         if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):
             meta = dict(obj["swinlab"])
     return _unwrap(obj, path), meta
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors: a pickle payload is refused (and never runs), a
+    truncated or foreign file is named as such."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that only unpickling could build "
+            f"({_first_line(exc)[:120]}); swinlab loads tensors only: save model.state_dict() or safetensors"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or not a "
+                              f"PyTorch checkpoint; copy or export it again") from None
 
 
 def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
