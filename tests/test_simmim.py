@@ -58,3 +58,52 @@ def test_mask_token_replaces_masked_tokens_only():
     assert torch.allclose(task.encode(x, none), plain, atol=1e-6)
     # everything masked: the output no longer depends on the image
     assert torch.allclose(task.encode(x, all_), task.encode(torch.randn_like(x), all_), atol=1e-5)
+
+
+def _cli(args, cwd):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, "-m", "swinlab", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
+    from conftest import ROOT
+
+    from swinlab.models import read_checkpoint
+    from swinlab.tasks import ImageClassifier
+
+    exp = ROOT / "experiments"
+    limits = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+              "--threads", "1", "--trainer.log_every_n_steps", "1"]
+    pre = _cli(["fit", "--config", str(exp / "simmim_quick.yaml"), *limits], tmp_path)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    run = tmp_path / "runs" / "simmim_quick" / "pretrain"
+    exported = run / "best.safetensors"
+    assert exported.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    # the TensorBoard run holds the input / masked input / reconstruction images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert {"simmim/input", "simmim/masked_input", "simmim/reconstruction"} <= set(events.Tags()["images"])
+    assert "train/loss" in events.Tags()["scalars"] and "val/loss" in events.Tags()["scalars"]
+
+    enc, meta = read_checkpoint(exported)
+    assert meta["config"]["num_classes"] == 0 and "head.fc.weight" not in enc
+    ckpt, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")  # 'encoder.' prefix stripped
+    assert "mask_token" not in ckpt and all(torch.equal(enc[k], ckpt[k]) for k in enc)
+
+    # fine-tune through the CLI with window transfer 32/W4 -> 32/W8 and layer decay
+    ft = _cli(["fit", "--config", str(exp / "simmim_quick_finetune.yaml"), *limits], tmp_path)
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    assert list((tmp_path / "runs" / "simmim_quick_finetune").glob("version_*/checkpoints/last.ckpt"))
+    # the classifier the fine-tune config builds starts from exactly the pretrained encoder tensors
+    clf = ImageClassifier(model_name="swinv2_pico_patch2_window4_32", num_classes=10, checkpoint=str(exported),
+                          model_kwargs={"img_size": 32, "window_size": 8}, layer_decay=0.9)
+    sd = clf.model.state_dict()
+    assert clf.model.config["pretrained_window_size"][0] == [4, 4]
+    assert [b.window for b in clf.model.blocks()][0] == (8, 8)
+    for k, v in enc.items():
+        assert torch.equal(sd[k], v), k
+    assert set(sd) - set(enc) == {"head.fc.weight", "head.fc.bias"}
