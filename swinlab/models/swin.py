@@ -52,6 +52,10 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
 MASK_VALUE = -100.0  # the value the reference implementations add between shifted regions
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # V2: tau >= 0.01, so the cosine logits are scaled by at most 100
 CPB_HIDDEN = 512
+# PyTorch's CPU flash-attention kernel gives no gradient to attn_mask, so in CPU training with a learned position
+# bias SDPA falls back to its math kernel, which is slower than the explicit softmax path (same arithmetic): use the
+# explicit path there. CUDA kernels (memory-efficient attention) take a mask gradient and keep the fused path.
+SDPA_CPU_GRAD_MASK_EXPLICIT = True
 
 Int2 = Tuple[int, int]
 
@@ -259,7 +263,8 @@ class WindowAttention(nn.Module):
         if mask is not None:
             mask = mask.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
-        if self.fused:
+        if self.fused and not (SDPA_CPU_GRAD_MASK_EXPLICIT and q.device.type == "cpu" and mask is not None
+                               and mask.requires_grad and torch.is_grad_enabled()):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
         else:
             attn = (q * scale) @ k.transpose(-2, -1)
