@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from .errors import CheckpointError, SwinlabError
 
 
 def _tensorboard(trainer: pl.Trainer):
@@ -218,4 +220,89 @@ class ExportBest(Callback):
             model = create_model(pl_module.model_name, checkpoint=best)
         else:
             model = pl_module.model
-        save_safetensors(model, self.path, pl_module.model_name)
+        try:
+            save_safetensors(model, self.path, pl_module.model_name)
+        except CheckpointError as exc:  # save_safetensors: one line, previous file intact
+            raise CheckpointError(f"{exc}; the checkpoints are intact: export later with `python -m swinlab convert "
+                                  f"{best or 'last.ckpt'} --model {pl_module.model_name} --out {self.path}`") from None
+
+
+def _rng_states() -> Dict[str, Any]:
+    """Global RNG states in a form ``torch.load(weights_only=True)`` reads back (tensors, ints, tuples)."""
+    import random
+
+    import numpy as np
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    states: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)),
+        "python": (int(version), torch.tensor(py_state, dtype=torch.int64), py_gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    version, py_state, py_gauss = states["python"]
+    random.setstate((version, tuple(int(v) for v in py_state.tolist()), py_gauss))
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class ResumeState(Checkpoint):
+    """What an exact resume needs beyond weights, optimizer and loop state.
+
+    - Saves the global RNG states (torch, CUDA, NumPy, Python: Mixup, CutMix, stochastic depth and dropout draw from
+      them) in every checkpoint and restores them when training resumes.
+    - ``every_n_train_steps`` > 0: also writes ``last.ckpt`` (in the ModelCheckpoint's folder) every that many
+      optimizer steps, so a run killed mid-epoch loses at most that many steps. The training loader's position is
+      saved with it (``swinlab.data.ResumableLoader``): ``fit --ckpt_path last`` continues with the next batch.
+    """
+
+    def __init__(self, every_n_train_steps: int = 0, restore_rng: bool = True):
+        super().__init__()
+        if every_n_train_steps < 0:
+            raise SwinlabError(f"resume.every_n_train_steps={every_n_train_steps} must be >= 0 (0: last.ckpt at epoch "
+                               f"ends only)")
+        self.every_n_train_steps, self.restore_rng = int(every_n_train_steps), bool(restore_rng)
+        self._pending: Optional[Dict[str, Any]] = None
+        self._last_saved = -1
+        self.path: Optional[str] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # applied as late as possible: nothing between here and the first batch draws from the global RNG (the
+        # training loader's position is restored by the swinlab DataModule's own state_dict)
+        pending, self._pending = self._pending, None
+        self._last_saved = trainer.global_step
+        if pending is not None and self.restore_rng:
+            _set_rng_states(pending)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        n, step = self.every_n_train_steps, trainer.global_step
+        if n <= 0 or step == 0 or step % n or step == self._last_saved or trainer.sanity_checking:
+            return
+        self._last_saved = step
+        cb = trainer.checkpoint_callback
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            # the ModelCheckpoint's own last.ckpt (its later epoch-end saves overwrite it instead of adding -v1)
+            self.path = cb.format_checkpoint_name({"epoch": torch.tensor(trainer.current_epoch),
+                                                   "step": torch.tensor(step)}, cb.CHECKPOINT_NAME_LAST)
+            cb.last_model_path = self.path
+        else:
+            self.path = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints", "last.ckpt")
+        trainer.save_checkpoint(self.path, weights_only=False)

@@ -17,8 +17,12 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import AttentionImages, ExportBest, TrainingMonitor
-from .errors import ConfigError, SwinlabError
+from .callbacks import AttentionImages, ExportBest, ResumeState, TrainingMonitor
+from .errors import CheckpointError, ConfigError, SwinlabError
+from .guards import NonFiniteGuard
+
+# ckpt_path values Lightning resolves itself (not file paths)
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -39,15 +43,83 @@ class SwinlabCLI(LightningCLI):
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_lightning_class_args(AttentionImages, "attention_images")
         parser.add_lightning_class_args(ExportBest, "export")
+        parser.add_lightning_class_args(ResumeState, "resume")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_argument("--threads", type=Optional[int], default=None,
                             help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version reads the checkpoint's hyperparameters into the config; this one reads the file with
+        ``swinlab.checkpoint_io.load_checkpoint_file`` (a pickle payload is refused and never runs) and names a
+        missing, truncated or foreign file in one line."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or str(ckpt_path).split(":")[0] in SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
+            return
+        path = Path(ckpt_path)
+        if path.is_dir():
+            return  # a sharded (distributed) checkpoint: its strategy reads it
+        if not path.is_file():
+            raise CheckpointError(f"--ckpt_path {ckpt_path} does not exist: give an existing .ckpt file, or use "
+                                  f"--ckpt_path last to resume the newest run of this name")
+        from .checkpoint_io import load_checkpoint_file
+        ckpt = load_checkpoint_file(path, map_location="cpu")
+        if not isinstance(ckpt, dict):
+            raise CheckpointError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning "
+                                  f"checkpoint: pass weights as model.init_args.checkpoint instead")
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        self._check_ckpt_model(ckpt_path, hparams)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+    def _check_ckpt_model(self, ckpt_path: str, hparams: dict) -> None:
+        """Lightning replaces the configured model's arguments with the checkpoint's; a different architecture or
+        class count in the config would be silently dropped, so it is named instead."""
+        model = self.config[self.config.subcommand].get("model")
+        init = getattr(model, "init_args", None)
+        if init is None:
+            return
+        for key in ("model_name", "num_classes"):
+            mine, theirs = init.get(key), hparams.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise CheckpointError(
+                    f"--ckpt_path {ckpt_path} holds a model with {key}={theirs!r} but the config asks for {mine!r}: "
+                    f"--ckpt_path continues that model as it is; to start from its weights with another {key}, "
+                    f"pass it as model.init_args.checkpoint instead")
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg["threads"]))
+        threads = cfg.get("threads")
+        if threads is not None:
+            if int(threads) < 1:
+                raise ConfigError(f"--threads {threads} must be >= 1 (or left out: torch's default)")
+            torch.set_num_threads(int(threads))
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
             self._resolve_last(cfg)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        attach_safe_checkpoint_io(trainer)
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as exc:
+            msg = str(exc)
+            if "Error(s) in loading state_dict" not in msg:
+                raise
+            ckpt = self.config[subcommand].get("ckpt_path")
+            details = [ln.strip() for ln in msg.splitlines()[1:] if ln.strip()]
+            first = details[0][:200] if details else "keys or shapes differ"
+            raise CheckpointError(f"--ckpt_path {ckpt} does not fit the model ({first}): resume with the config it was "
+                                  f"trained with, or start from its weights with model.init_args.checkpoint (a new "
+                                  f"head or size is then allowed)") from None
 
     @staticmethod
     def _resolve_last(cfg) -> None:
@@ -69,6 +141,27 @@ class SwinlabCLI(LightningCLI):
                               f"to start a new run, or give the checkpoint file")
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)
+
+
+def attach_safe_checkpoint_io(trainer) -> bool:
+    """Give single-file strategies (single device, DDP) ``SafeCheckpointIO``: atomic saves, ``weights_only`` loads.
+
+    Strategies with their own checkpoint format (DeepSpeed, FSDP/ModelParallel sharded directories, XLA) and a
+    checkpoint IO plugin chosen by the user are left alone. Returns whether it was attached.
+    """
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    from .checkpoint_io import SafeCheckpointIO
+
+    strategy = trainer.strategy
+    if type(strategy) not in (SingleDeviceStrategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+        return False
+    current = getattr(strategy, "_checkpoint_io", None)
+    if current is not None and type(current) is not TorchCheckpointIO:
+        return isinstance(current, SafeCheckpointIO)
+    strategy.checkpoint_io = SafeCheckpointIO()
+    return True
 
 
 def _one_line(exc: BaseException) -> str:

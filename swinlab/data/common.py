@@ -1,9 +1,24 @@
-"""Shared DataModule plumbing: loader options and an epoch-seeded shuffle that survives resuming."""
+"""Shared DataModule plumbing: loader options and a training order that resumes mid-epoch.
+
+Training batches come from :class:`ResumableLoader` over a :class:`ResumableSampler`:
+
+- the order is a permutation seeded by ``seed + epoch`` (Lightning calls ``set_epoch``), sharded over data-parallel
+  ranks like ``DistributedSampler``;
+- the loader counts the batches it has served this epoch and exposes ``state_dict()`` / ``load_state_dict()``, which
+  Lightning stores in every checkpoint (``loops.fit_loop.state_dict.combined_loader``); a run resumed from a
+  mid-epoch checkpoint continues with the next unseen batch instead of starting the epoch again;
+- each index the sampler yields is a :class:`SampleIndex` (an ``int``) that carries ``aug_seed``, a seed derived from
+  (seed, epoch, index): datasets seed their random augmentation with it, so a sample's augmentation does not
+  depend on the global RNG, on which batch came before it or on the number of workers.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+import contextlib
+import random
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import ConfigError
@@ -21,13 +36,145 @@ def img_pair(size: ImgSize) -> Tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-class BaseDataModule(pl.LightningDataModule):
-    """Batch size, workers, pin_memory, persistent workers and the training shuffle.
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` in ``epoch`` (splitmix64 of the three; stable across processes)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(index) * 0x94D049BB133111EB)
+    z &= 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
-    The training order is a permutation seeded by ``seed + epoch`` (Lightning calls ``set_epoch``), so a run resumed
-    from an epoch-end checkpoint sees the same batches as an uninterrupted one. Under DDP Lightning's own
-    DistributedSampler (also epoch-seeded) takes over. Training drops the last partial batch (Mixup needs even
-    batches).
+
+class SampleIndex(int):
+    """A dataset index that also carries ``aug_seed`` for the sample's random augmentation (plain ``int`` otherwise:
+    datasets that do not augment index with it as usual)."""
+
+    aug_seed: int
+
+    def __new__(cls, index: int, aug_seed: int) -> SampleIndex:
+        obj = super().__new__(cls, index)
+        obj.aug_seed = aug_seed
+        return obj
+
+    def __reduce__(self):  # keep aug_seed when indices travel to DataLoader workers
+        return SampleIndex, (int(self), self.aug_seed)
+
+
+def aug_generator(index: Any, seed: int = 0) -> torch.Generator:
+    """A generator for the augmentation of ``index``: seeded by its ``aug_seed`` (training) or, for a plain int,
+    by (seed, epoch 0, index)."""
+    s = getattr(index, "aug_seed", None)
+    return torch.Generator().manual_seed(sample_seed(seed, 0, int(index)) if s is None else int(s))
+
+
+@contextlib.contextmanager
+def seeded_rng(index: Any) -> Iterator[None]:
+    """Inside: Python's ``random`` and torch's CPU RNG seeded by the index's ``aug_seed`` (no-op for a plain int);
+    the global states are restored on exit, so augmentation neither consumes nor depends on them."""
+    s = getattr(index, "aug_seed", None)
+    if s is None:
+        yield
+        return
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(int(s))
+    torch.manual_seed(int(s))
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(torch_state)
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (``seed + epoch`` permutation, one shard per data-parallel rank) that yields
+    :class:`SampleIndex` values and can start part-way into an epoch (``start_at``)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self._resume_epoch: Optional[int] = None
+        self._resume_samples = 0
+
+    def start_at(self, epoch: int, samples: int) -> None:
+        """Make the iteration of ``epoch`` skip its first ``samples`` indices (this rank's shard)."""
+        self.epoch = int(epoch)
+        self._resume_epoch, self._resume_samples = int(epoch), int(samples)
+
+    def skipped(self) -> int:
+        return self._resume_samples if self._resume_epoch == self.epoch else 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        epoch, skip = self.epoch, self.skipped()
+        return iter([SampleIndex(i, sample_seed(self.seed, epoch, i)) for i in indices[skip:]])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in checkpoints and restored on resume.
+
+    ``state_dict()`` holds the epoch and the number of batches served so far; Lightning calls it when it saves a
+    checkpoint (after the batch's optimizer step, so every served batch has been trained on). ``load_state_dict()``
+    makes the next iteration start at the first batch not yet served. The underlying iterator is created lazily on
+    the first ``next``, so ``set_epoch`` still applies when Lightning calls it after ``iter()`` (also with workers).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._served_epoch: Optional[int] = None
+
+    def _resumable(self) -> Optional[ResumableSampler]:
+        s = self.sampler
+        return s if isinstance(s, ResumableSampler) and self.batch_size else None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        sampler = self._resumable()
+        epoch = sampler.epoch if sampler is not None else 0
+        start = sampler.skipped() // self.batch_size if sampler is not None else 0
+        self._served, self._served_epoch = start, epoch
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        sampler = self._resumable()
+        if sampler is None:
+            return {}
+        epoch = sampler.epoch if self._served_epoch is None else self._served_epoch
+        return {"epoch": int(epoch), "batches_served": int(self._served), "batch_size": int(self.batch_size),
+                "seed": int(sampler.seed), "num_samples": int(sampler.num_samples)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        sampler = self._resumable()
+        if sampler is None or not state:
+            return
+        if (state.get("batch_size"), state.get("num_samples"), state.get("seed")) != (
+                self.batch_size, sampler.num_samples, sampler.seed):
+            import warnings
+            warnings.warn(f"the training data changed since the checkpoint (batch size, sample count or seed "
+                          f"{(state.get('batch_size'), state.get('num_samples'), state.get('seed'))} -> "
+                          f"{(self.batch_size, sampler.num_samples, sampler.seed)}): the resumed epoch starts from "
+                          f"its first batch", stacklevel=2)
+            return
+        epoch, served = int(state["epoch"]), int(state["batches_served"])
+        if served >= len(self):  # the epoch was complete: Lightning starts the next one
+            sampler.start_at(epoch + 1, 0)
+        else:
+            sampler.start_at(epoch, served * self.batch_size)
+        self._served, self._served_epoch = served, epoch
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Batch size, workers, pin_memory, persistent workers and the training order.
+
+    Training order: :class:`ResumableSampler` (a permutation seeded by ``seed + epoch``, one shard per data-parallel
+    rank) inside a :class:`ResumableLoader`, so a run resumed from any checkpoint, mid-epoch included, sees the same
+    batches as an uninterrupted one. Training drops the last partial batch (Mixup needs even batches). Loaders draw
+    their worker seeds from their own generator, never from the global RNG.
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
@@ -37,6 +184,8 @@ class BaseDataModule(pl.LightningDataModule):
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
         if num_workers < 0:
             raise ConfigError(f"num_workers={num_workers} must be >= 0")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size={eval_batch_size} must be >= 1 (or null: same as batch_size)")
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
@@ -45,29 +194,55 @@ class BaseDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self._train_loader: Optional[ResumableLoader] = None
+        self._pending_loader_state: Optional[Dict[str, Any]] = None
+
+    # Lightning saves a DataModule's state_dict in every checkpoint and restores it before training resumes. The
+    # loop's own copy of the loader state (``combined_loader``) is only applied when the loader is built after the
+    # restore, and configure_optimizers builds it before (estimated_stepping_batches): this copy covers that case.
+    def state_dict(self) -> Dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state = state_dict.get("train_loader") or None
+        if state and self._train_loader is not None:  # already built (strategies that restore after setup)
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_loader_state = state
 
     def _loader_kwargs(self) -> Dict[str, Any]:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                     persistent_workers=self.persistent_workers)
 
-    def _distributed(self) -> bool:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
-        return trainer is not None and trainer.world_size > 1
+    def _shard(self) -> Tuple[int, int]:
+        """(num_replicas, rank) of this process's data-parallel shard."""
+        trainer = getattr(self, "trainer", None)  # LightningDataModule.trainer, set by the Trainer
+        if trainer is None or trainer.world_size <= 1:
+            return 1, 0
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return int(kwargs.get("num_replicas", trainer.world_size)), int(kwargs.get("rank", trainer.global_rank))
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        if self._distributed():
-            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                              **self._loader_kwargs())
-        sampler = DistributedSampler(self.train_set, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          **self._loader_kwargs())
+        replicas, rank = self._shard()
+        if len(self.train_set) < self.batch_size * replicas:
+            raise ConfigError(f"the training set has {len(self.train_set)} samples, fewer than one batch "
+                              f"({self.batch_size} x {replicas} process(es)): lower data.init_args.batch_size")
+        sampler = ResumableSampler(self.train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                 generator=torch.Generator().manual_seed(self.seed), **self._loader_kwargs())
+        if self._pending_loader_state:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             self.setup("validate")
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
+                          generator=torch.Generator().manual_seed(self.seed), **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .common import BaseDataModule, ImgSize, img_pair
+from .common import BaseDataModule, ImgSize, aug_generator, img_pair
 
 MEAN, STD = 0.5, 0.5
 
@@ -27,23 +27,26 @@ def load_digits_tensors(img_size: ImgSize = 32, in_chans: int = 3) -> Tuple[torc
 
 
 class _ShiftedDigits(Dataset):
-    """Tensors in memory with an optional random translation (zero-padded shift) for training."""
+    """Tensors in memory with an optional random translation (zero-padded shift) for training.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, max_shift: int = 0):
-        self.x, self.y, self.max_shift = x, y, int(max_shift)
+    The shift of a sample is drawn from its own generator, seeded by the index's ``aug_seed`` (set by the training
+    sampler from (seed, epoch, index)), never from the global RNG: resuming mid-epoch reproduces it exactly."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, max_shift: int = 0, seed: int = 0):
+        self.x, self.y, self.max_shift, self.seed = x, y, int(max_shift), int(seed)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int):
-        img = self.x[i]
+        img = self.x[int(i)]
         s = self.max_shift
         if s > 0:
-            dy, dx = torch.randint(-s, s + 1, (2,)).tolist()
+            dy, dx = torch.randint(-s, s + 1, (2,), generator=aug_generator(i, self.seed)).tolist()
             pad = F.pad(img, (s, s, s, s), value=-MEAN / STD)
             H, W = img.shape[-2:]
             img = pad[:, s + dy:s + dy + H, s + dx:s + dx + W]
-        return img, self.y[i]
+        return img, self.y[int(i)]
 
 
 class DigitsDataModule(BaseDataModule):
@@ -76,5 +79,5 @@ class DigitsDataModule(BaseDataModule):
         train_idx, val_idx = train_test_split(idx, test_size=self.val_fraction, random_state=self.split_seed,
                                               stratify=y.numpy())
         train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-        self.train_set = _ShiftedDigits(x[train_idx], y[train_idx], self.max_shift)
+        self.train_set = _ShiftedDigits(x[train_idx], y[train_idx], self.max_shift, self.seed)
         self.val_set = _ShiftedDigits(x[val_idx], y[val_idx], 0)

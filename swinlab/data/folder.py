@@ -10,7 +10,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import ConfigError
-from .common import BaseDataModule, ImgSize, img_pair
+from .common import BaseDataModule, ImgSize, img_pair, seeded_rng
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,7 +39,8 @@ def check_split(root: Path, what: str) -> List[str]:
 
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips unreadable images (warns and counts; the next readable image stands in) or, with
-    ``on_corrupt='error'``, stops with the file's name."""
+    ``on_corrupt='error'``, stops with the file's name. Grayscale, palette and RGBA images are converted to RGB.
+    Random augmentation is seeded by the training index's ``aug_seed`` (see ``swinlab.data.common``)."""
 
     def __init__(self, root: str, transform=None, on_corrupt: str = "skip"):
         super().__init__(root, transform=transform)
@@ -47,10 +48,12 @@ class SafeImageFolder(ImageFolder):
         self.skipped: List[str] = []
 
     def __getitem__(self, index: int):
+        index_ = int(index)
         for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
+            i = (index_ + attempt) % len(self.samples)
             try:
-                return super().__getitem__(i)
+                with seeded_rng(index):  # training: augmentation seeded by (seed, epoch, index)
+                    return super().__getitem__(i)
             except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files
                 path = self.samples[i][0]
                 if self.on_corrupt == "error":

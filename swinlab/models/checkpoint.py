@@ -10,7 +10,6 @@ import pickle
 import re
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -66,9 +65,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             f"refused to load {path}: it holds Python objects that only unpickling could build "
             f"({_first_line(exc)[:120]}); swinlab loads tensors only: save model.state_dict() or safetensors"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or not a "
-                              f"PyTorch checkpoint; copy or export it again") from None
+    except Exception as exc:  # truncated zip, foreign format, KeyError from a malformed archive, ...
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {_first_line(exc)}): the file is truncated "
+                              f"or not a PyTorch checkpoint; copy or export it again") from None
 
 
 def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
@@ -241,6 +240,11 @@ def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name
     try:
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise CheckpointError(f"could not write {path} ({exc.strerror or exc}): any previous file is intact; free "
+                              f"disk space or choose another path") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
