@@ -311,8 +311,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config", required=True, help="study yaml (experiments/ablations/*.yaml)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/ablations/<study>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: the study's 'threads:', else torch's choice)")
     args = parser.parse_args(argv)
     study = load_study(args.config)
+    threads = args.threads or study.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     if args.seeds:
         study["seeds"] = args.seeds
     out = Path(args.out or Path("runs") / "ablations" / study["study"])
