@@ -58,6 +58,18 @@ def strategy_name(strategy: Any) -> str:
         cls = str(strategy.get("class_path", "")).rsplit(".", 1)[-1]
         args = strategy.get("init_args", {}) or {}
         if cls == "DeepSpeedStrategy":
+            ds = args.get("config")
+            if isinstance(ds, str) and ds.endswith(".json"):
+                try:
+                    with open(ds) as fh:
+                        ds = json.load(fh)
+                except OSError:
+                    raise ConfigError(f"DeepSpeed config {ds} not found: paths are relative to the working "
+                                      f"directory (run from the repo root)") from None
+            zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+            if zero:  # a full DeepSpeed config (experiments/strategy/zero*_offload.yaml) overrides the arguments
+                offload = bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+                return f"deepspeed_stage_{zero.get('stage', 0)}" + ("_offload" if offload else "")
             return f"deepspeed_stage_{args.get('stage', 2)}" + ("_offload" if args.get("offload_optimizer") else "")
         return cls or "auto"
     return "auto"
@@ -144,7 +156,8 @@ def estimate(config: Dict[str, Any]) -> Dict[str, Any]:
     acts = activation_bytes(model, model.img_size, dtype)
     states = model_state_bytes(params, world, precision)
     return dict(model=name, params=params, img_size=list(model.img_size), precision=precision, world_size=world,
-                batch_size_per_gpu=batch, strategy=strategy_name(trainer.get("strategy", "auto")),
+                batch_size_per_gpu=batch, strategy=strategy_name(trainer.get("strategy", "auto"))
+                + (" + cpu offload" if (model_args.get("sharding") or {}).get("cpu_offload") else ""),
                 grad_checkpointing=checkpointing,
                 model_states_bytes=states, activation_bytes_per_image=acts)
 

@@ -10,7 +10,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import ConfigError
 from ..models import create_model
+from ..scale import check_run
 from .optim import global_batch_size, param_groups, recipe_optimizer
+from .sharding import check_sharding, defer_checkpointing_to_strategy, shard_swin
 
 
 class ImageClassifier(pl.LightningModule):
@@ -32,6 +34,8 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: used alone or inside Mixup/CutMix.
         mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode: timm Mixup (off when mixup and cutmix are 0).
         ema_decay: keep an EMA of the weights (timm ModelEmaV3) and validate it too (``val/acc1_ema``); None: off.
+        sharding: FSDP2 options under ModelParallelStrategy (``param_dtype``, ``reduce_dtype``, ``cpu_offload``,
+            ``reshard_after_forward``); see ``swinlab.tasks.sharding`` and experiments/strategy/fsdp2*.yaml.
     """
 
     def __init__(
@@ -59,9 +63,11 @@ class ImageClassifier(pl.LightningModule):
             mixup_mode: str = "batch",
             ema_decay: Optional[float] = None,
             ema_warmup: bool = False,
+            sharding: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_sharding(sharding)
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} must be >= 1: set model.init_args.num_classes")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
@@ -109,17 +115,13 @@ class ImageClassifier(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        mesh = self.device_mesh
-        if mesh is not None:
-            from torch.distributed.fsdp import fully_shard
-            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-            for blk in self.model.blocks():
-                fully_shard(blk, mesh=dp_mesh)
-            fully_shard(self.model, mesh=dp_mesh)
+        defer_checkpointing_to_strategy(self.model, self._trainer)
+        shard_swin(self.model, self.device_mesh, self.hparams.get("sharding"))
         if self.hparams.compile:
             self.model.compile()
 
     def setup(self, stage: str) -> None:
+        check_run(self._trainer, self)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         n = getattr(dm, "num_classes", None)
         if n is not None and n != self.hparams.num_classes:

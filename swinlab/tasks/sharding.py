@@ -52,3 +52,19 @@ def shard_swin(model: torch.nn.Module, device_mesh, sharding: Optional[Dict[str,
         fully_shard(blk, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def defer_checkpointing_to_strategy(model: torch.nn.Module, trainer: Any) -> bool:
+    """Under Lightning's FSDPStrategy with an ``activation_checkpointing_policy``, the strategy wraps each block in a
+    checkpoint wrapper: turn the model's own per-block checkpointing off so blocks are not recomputed twice.
+    Returns True when it did."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if strategy is None or not getattr(strategy, "_activation_checkpointing_kwargs", None):
+        return False
+    if not getattr(model, "config", {}).get("grad_checkpointing"):
+        return False
+    model.set_grad_checkpointing(False)
+    import logging
+    logging.getLogger(__name__).info("FSDPStrategy's activation_checkpointing_policy checkpoints the blocks: "
+                                     "model_kwargs.grad_checkpointing is turned off to avoid recomputing twice")
+    return True

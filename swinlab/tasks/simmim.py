@@ -17,7 +17,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import create_model
+from ..scale import check_run
 from .optim import param_groups, recipe_optimizer
+from .sharding import check_sharding, defer_checkpointing_to_strategy, shard_swin
 
 
 class MaskGenerator:
@@ -56,6 +58,7 @@ class MaskedImageModeling(pl.LightningModule):
         base_lr, warmup_lr, min_lr: per 512 images (scaled by the global batch): SimMIM's cosine-schedule settings
             (2e-4, 1e-6, 1e-5), AdamW (0.9, 0.999), weight decay 0.05, 10 warmup epochs; no layer decay.
         log_images: how many validation images to log (input, masked input, reconstruction) each validation.
+        sharding: FSDP2 options under ModelParallelStrategy, as for ImageClassifier.
     """
 
     def __init__(
@@ -76,9 +79,11 @@ class MaskedImageModeling(pl.LightningModule):
             eps: float = 1e-8,
             log_images: int = 8,
             compile: bool = False,
+            sharding: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_sharding(sharding)
         kwargs = dict(model_kwargs or {})
         if "num_classes" in kwargs:
             raise ConfigError("model_kwargs.num_classes is not used in SimMIM pretraining (the encoder has no head): "
@@ -106,10 +111,13 @@ class MaskedImageModeling(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        from .sharding import shard_swin
-        shard_swin(self.encoder, self.device_mesh)
+        defer_checkpointing_to_strategy(self.encoder, self._trainer)
+        shard_swin(self.encoder, self.device_mesh, self.hparams.get("sharding"))
         if self.hparams.compile:
             self.encoder.compile()
+
+    def setup(self, stage: str) -> None:
+        check_run(self._trainer, self)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["swinlab"] = {"model": self.model_name, "config": dict(self.encoder.config)}

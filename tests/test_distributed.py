@@ -1,0 +1,215 @@
+"""Distributed training on CPU: 2 processes over gloo (DDP, then FSDP2 with a sharded checkpoint and resume) follow
+the single-process loss trajectory; DeepSpeed ZeRO-2/3 engines train a swinlab model on CPU; v2_g_cpu.yaml fits.
+
+The two ranks are launched as plain processes with torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, ...), so
+Lightning uses them as they are; this file is also the worker script (``python tests/test_distributed.py worker``).
+"""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PICO = "swinv2_pico_patch2_window4_32"
+BATCH = 8  # per rank; the single-process reference uses 2 * BATCH
+STEPS = 3  # before the checkpoint; the resumed run adds one more
+
+
+def _module():
+    from swinlab.tasks import ImageClassifier
+    return ImageClassifier(PICO, num_classes=10, model_kwargs={"img_size": 16}, warmup_steps=2, base_lr=0.05,
+                           mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+
+
+def _data(batch):
+    from swinlab.data import SyntheticDataModule
+    return SyntheticDataModule(img_size=16, num_classes=10, batch_size=batch, train_samples=128, val_samples=8)
+
+
+def _fit(strategy, devices, batch, max_steps, out: pathlib.Path, tag: str, ckpt_path=None, save=None):
+    import lightning.pytorch as pl
+
+    class Losses(pl.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    pl.seed_everything(0, verbose=False)
+    rec = Losses()
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+                         callbacks=[rec], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         gradient_clip_val=1.0)
+    trainer.fit(_module(), datamodule=_data(batch), ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    (out / f"{tag}_rank{trainer.global_rank}.json").write_text(json.dumps(rec.losses))
+    return rec.losses
+
+
+def _worker(out: pathlib.Path) -> None:
+    """One rank: DDP fit, FSDP2 fit + sharded checkpoint, FSDP2 resume for one more step."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    torch.set_num_threads(1)
+    _fit("ddp", 2, BATCH, STEPS, out, "ddp")
+    ckpt = out / "fsdp2.ckpt"
+
+    def fsdp2():  # pure data parallel: Lightning's "auto" sizes would make a tensor-parallel group of the 2 ranks
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+    _fit(fsdp2(), 2, BATCH, STEPS, out, "fsdp2", save=ckpt)
+    _fit(fsdp2(), 2, BATCH, STEPS + 1, out, "fsdp2_resumed", ckpt_path=ckpt)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+                   DS_ACCELERATOR="cpu", PL_DISABLE_FORK="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(out)], env=env, cwd=out,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Single process, batch 2 * BATCH: the trajectory both distributed runs must follow."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ref")
+    return _fit("auto", 1, 2 * BATCH, STEPS + 1, out, "ref")
+
+
+def _mean_over_ranks(out, tag):
+    per_rank = [json.loads((out / f"{tag}_rank{r}.json").read_text()) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert per_rank[0] != per_rank[1]  # each rank saw different images
+    return [(a + b) / 2 for a, b in zip(*per_rank)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", ["ddp", "fsdp2"])
+def test_two_ranks_follow_the_single_process_losses(two_rank_run, reference, tag):
+    losses = _mean_over_ranks(two_rank_run, tag)
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(reference[:STEPS], rel=1e-4, abs=1e-6)
+    assert losses[-1] != pytest.approx(losses[0], rel=1e-3)  # it trained
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_is_saved_and_resumed(two_rank_run):
+    ckpt = two_rank_run / "fsdp2.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+    resumed = [json.loads((two_rank_run / f"fsdp2_resumed_rank{r}.json").read_text()) for r in range(2)]
+    assert [len(r) for r in resumed] == [1, 1]  # the resumed run continued at step STEPS + 1 and ran only that step
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open: the step after an FSDP2 resume does not match the uninterrupted "
+                                       "trajectory (2.19 vs 2.45 measured); see the scale report")
+def test_fsdp2_resume_continues_the_trajectory(two_rank_run, reference):
+    resumed = _mean_over_ranks(two_rank_run, "fsdp2_resumed")
+    assert len(resumed) == 1  # only the step after the checkpoint ran
+    assert resumed[0] == pytest.approx(reference[STEPS], rel=1e-4, abs=1e-6)
+
+
+# -- DeepSpeed ZeRO on CPU (one process, gloo; no compiled ops: the client optimizer is torch AdamW) ----------------
+@pytest.fixture(scope="module")
+def deepspeed_group():
+    """One gloo group for both stages (DeepSpeed caches its groups: a new process group per test breaks stage 3)."""
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+    env = dict(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield deepspeed
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_swinlab_model_on_cpu(deepspeed_group, stage):
+    import swinlab
+    deepspeed = deepspeed_group
+    torch.manual_seed(0)
+    model = swinlab.create_model(PICO, img_size=16, num_classes=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    config = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if stage == 3:  # parameters are partitioned: the module holds empty placeholders, the data lives in ds_tensor
+        p = engine.module.head.fc.weight
+        assert p.numel() == 0 and p.ds_numel == 10 * model.num_features
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(10, (8,), generator=g)
+    losses = []
+    for _ in range(4):  # the same batch: the loss must go down
+        loss = torch.nn.functional.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 1e-3, losses
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    else:
+        after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    changed = [n for n in before if not torch.equal(before[n], after[n].reshape(before[n].shape))]
+    assert "head.fc.weight" in changed and len(changed) > len(before) // 2
+
+
+# -- v2_g_cpu.yaml through the CLI --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_v2_g_cpu_fits_two_steps_through_the_cli(tmp_path):
+    """The depth-reduced SwinV2-G config with its FSDP2 + checkpointing setup trains 2 steps (fp32 here: bf16 matmuls
+    are emulated and slow on most CPUs; the yaml's bf16-mixed run is the same command without the overrides)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # not a launched rank
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "swinlab", "fit", "--config", str(ROOT / "experiments" / "v2_g_cpu.yaml"),
+         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+         "--trainer.precision", "32-true", "--model.init_args.sharding", "{param_dtype: null}",
+         "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "v2_g_cpu" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_dir()  # FSDP2: a sharded (distributed) checkpoint directory
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert len(ea.Scalars("train/loss")) == 2
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    sys.path.insert(0, str(ROOT))
+    _worker(pathlib.Path(sys.argv[2]))

@@ -1,0 +1,251 @@
+"""Scale configs and checks (single process, fast): strategy files compose with every experiment, impossible
+combinations stop with one line before training, chunk sizes are validated, the estimator reads strategy files."""
+import contextlib
+import io
+import pathlib
+
+import pytest
+import torch
+import yaml
+
+import swinlab
+from swinlab.cli import TRAINER_DEFAULTS, SwinlabCLI, main
+from swinlab.errors import ConfigError
+from swinlab.scale import check_chunk_size, check_config, check_run, strategy_family, valid_chunk_sizes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+STRATEGIES = sorted((ROOT / "experiments" / "strategy").glob("*.yaml"))
+PICO = "swinv2_pico_patch2_window4_32"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+class _Parser(Exception):
+    pass
+
+
+class _GrabParser(SwinlabCLI):
+    """The CLI's own parser (same arguments, defaults and subcommands), built once for the whole cross product."""
+
+    def parse_arguments(self, parser, args):
+        raise _Parser(parser)
+
+
+@pytest.fixture(scope="module")
+def parser():
+    from lightning.pytorch import LightningDataModule, LightningModule
+    with pytest.raises(_Parser) as got:
+        _GrabParser(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=[],
+                    trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                    auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False})
+    return got.value.args[0]
+
+
+def _print_config(parser, *configs):
+    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        parser.parse_args(args)
+    assert done.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+def test_strategy_files_exist():
+    names = {p.stem for p in STRATEGIES}
+    assert {"ddp", "fsdp2", "fsdp2_offload", "fsdp1", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload",
+            "multinode"} <= names
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=[p.stem for p in STRATEGIES])
+def test_strategy_composes_with_every_experiment(parser, strategy):
+    """``fit --config <experiment> --config strategy/<s>.yaml --print_config`` for every pair (the CLI's parser)."""
+    extra = yaml.safe_load(strategy.read_text())
+    want = extra.get("trainer", {}).get("strategy")
+    for experiment in EXPERIMENTS:
+        cfg = _print_config(parser, experiment, strategy)
+        got = cfg["trainer"]["strategy"]
+        if want is None:  # multinode.yaml: the experiment's strategy survives
+            assert cfg["trainer"]["num_nodes"] == extra["trainer"]["num_nodes"], experiment.stem
+        elif isinstance(want, str):
+            assert got == want, experiment.stem
+        else:
+            assert got["class_path"] == want["class_path"], experiment.stem
+        sharding = extra.get("model", {}).get("init_args", {}).get("sharding", "absent")
+        if sharding != "absent":
+            assert cfg["model"]["init_args"]["sharding"] == sharding, experiment.stem
+        base = yaml.safe_load(experiment.read_text())
+        assert cfg["model"]["init_args"]["model_name"] == base["model"]["init_args"]["model_name"]
+
+
+def test_print_config_through_main(capsys):
+    """The same composition through ``swinlab.cli.main`` (what ``python -m swinlab fit`` runs)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "experiments" / "v2_g.yaml"), "--config",
+              str(ROOT / "experiments" / "strategy" / "zero3_offload.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    path = cfg["trainer"]["strategy"]["init_args"]["config"]
+    assert path == "experiments/strategy/deepspeed_zero3_offload.json"
+    import json
+    zero = json.loads((ROOT / path).read_text())["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("strategy, family", [
+    ("ddp", "ddp"), ("deepspeed_stage_3", "deepspeed"), ("fsdp", "fsdp"), (None, "auto"),
+    ({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}, "fsdp2"),
+    ({"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, "fsdp"),
+])
+def test_strategy_family(strategy, family):
+    assert strategy_family(strategy) == family
+
+
+MP = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+      "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1}}
+
+
+def _cfg(strategy=None, accelerator="cpu", precision="32-true", model=PICO, sharding=None, **kwargs):
+    return {"trainer": {"accelerator": accelerator, "strategy": strategy, "precision": precision, "devices": 1},
+            "model": {"init_args": {"model_name": model, "model_kwargs": kwargs, "sharding": sharding}}}
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (_cfg("deepspeed_stage_2"), ["DeepSpeed needs CUDA", "fsdp2.yaml"]),
+    (_cfg({"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy"}), ["DeepSpeed needs CUDA"]),
+    (_cfg("fsdp"), ["FSDPStrategy (FSDP1) needs CUDA"]),
+    (_cfg(precision="16-true"), ["16-true", "SwinV2", "16-mixed"]),
+    (_cfg({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+           "init_args": {"data_parallel_size": "auto", "tensor_parallel_size": 1}}), ["data_parallel_size: 1"]),
+    (_cfg({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+           "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 2}}), ["no tensor-parallel plan"]),
+    (_cfg("ddp", precision="bf16-mixed", sharding={"param_dtype": "bfloat16"}), ["sharding", "ModelParallelStrategy"]),
+    (_cfg(MP, sharding={"param_dtype": "bfloat16"}),
+     ["param_dtype bfloat16 needs autocast", "bf16-mixed"]),
+    (_cfg(MP, sharding={"param_dtype": "float16"}),
+     ["param_dtype float16", "16-mixed"]),
+    (_cfg(MP, precision="bf16-mixed",
+          sharding={"param_dtype": "float16"}), ["param_dtype float16", "16-mixed"]),
+])
+def test_check_config_refuses(cfg, words):
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize("cfg", [
+    _cfg("ddp"), _cfg(precision="16-true", model="swin_pico_patch2_window4_32"),  # V1 in fp16: allowed
+    _cfg(precision="16-mixed"), _cfg(precision="bf16-true"),
+    _cfg(MP, precision="bf16-mixed",
+         sharding={"param_dtype": "bfloat16"}),
+])
+def test_check_config_accepts(cfg):
+    check_config(cfg)
+
+
+def test_check_config_on_parsed_cli_config(parser):
+    """check_config takes the CLI's parsed Namespace (as ``before_instantiate_classes`` sees it)."""
+    args = ["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--config",
+            str(ROOT / "experiments" / "strategy" / "zero2.yaml")]
+    cfg = parser.parse_args(args)
+    with pytest.raises(ConfigError, match="DeepSpeed needs CUDA"):
+        check_config(cfg["fit"])
+    check_config(parser.parse_args(args[:3])["fit"])
+
+
+def test_valid_chunk_sizes():
+    assert valid_chunk_sizes([16, 4, 1, 1]) == [1, 2, 4, 8, 16]
+    assert valid_chunk_sizes([64, 16, 4, 1]) == [1, 2, 4, 8, 16, 32, 64]
+    assert valid_chunk_sizes([9, 1]) == [1, 3, 9]
+
+
+def test_chunk_size_that_does_not_divide_is_refused():
+    model = swinlab.create_model(PICO, img_size=32, attn_chunk_size=3)  # windows per stage: 16, 4, 1, 1
+    with pytest.raises(ConfigError) as err:
+        check_chunk_size(model)
+    msg = str(err.value)
+    assert "attn_chunk_size=3" in msg and "stage 0: 16 windows" in msg and "[1, 2, 4, 8, 16]" in msg, msg
+    for ok in (0, 2, 4, 5 * 0 + 8, 16, 64):
+        model.set_attn_chunk_size(ok)
+        check_chunk_size(model)
+
+
+def test_check_run_sees_the_built_model():
+    class Module:
+        hparams = {"sharding": None}
+        model = swinlab.create_model(PICO, img_size=32)
+
+    class Trainer:
+        precision = "16-true"
+        strategy = None
+
+    with pytest.raises(ConfigError, match="16-true"):
+        check_run(Trainer(), Module())
+    Trainer.precision = "16-mixed"
+    check_run(Trainer(), Module())
+    Module.model.set_attn_chunk_size(6)
+    with pytest.raises(ConfigError, match="attn_chunk_size=6"):
+        check_run(Trainer(), Module())
+
+
+TINY = f"""
+seed_everything: 0
+threads: 1
+model:
+  class_path: swinlab.tasks.ImageClassifier
+  init_args: {{model_name: {PICO}, num_classes: 10, model_kwargs: {{img_size: 16}}, warmup_steps: 1, mixup: 0.0,
+               cutmix: 0.0}}
+data:
+  class_path: swinlab.data.SyntheticDataModule
+  init_args: {{img_size: 16, batch_size: 8, num_classes: 10, train_samples: 16, val_samples: 8}}
+trainer:
+  accelerator: cpu
+  max_steps: 1
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+"""
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model.init_args.model_kwargs", "{img_size: 16, attn_chunk_size: 3}"], ["attn_chunk_size=3", "[1, 2, 4]"]),
+    (["--trainer.precision", "16-true"], ["16-true", "SwinV2"]),
+    (["--model.init_args.sharding", "{param_dtype: float32}"], ["sharding", "ModelParallelStrategy"]),
+    (["--model.init_args.sharding", "{param_dtype: int8}"], ["param_dtype", "int8"]),
+    (["--model", "swinlab.tasks.MaskedImageModeling", "--model.init_args.model_name", PICO,
+      "--model.init_args.mask_patch_size", "4", "--model.init_args.model_kwargs", "{img_size: 16, attn_chunk_size: 3}"],
+     ["attn_chunk_size=3"]),
+])
+def test_bad_scale_settings_are_one_line_through_the_cli(tmp_path, monkeypatch, args, words):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        main(["fit", "--config", str(cfg), "--checkpoint.monitor", "null", *args])
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_estimator_reports_the_configured_strategy(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the DeepSpeed JSON paths in the strategy files are relative to the repo root
+    from swinlab.estimate import estimate, load_configs
+    exp = str(ROOT / "experiments" / "v2_g.yaml")
+    names = {}
+    for s in ("ddp", "fsdp2", "fsdp2_offload", "zero3", "zero2_offload", "zero3_offload", "fsdp1"):
+        r = estimate(load_configs([exp, str(ROOT / "experiments" / "strategy" / f"{s}.yaml")]))
+        names[s] = r["strategy"]
+        assert r["params"] > 2.5e9
+    assert names["ddp"] == "ddp" and names["zero3"] == "deepspeed_stage_3"
+    assert names["zero3_offload"] == "deepspeed_stage_3_offload"
+    assert names["zero2_offload"] == "deepspeed_stage_2_offload"
+    assert names["fsdp2"] == "ModelParallelStrategy"
+    assert names["fsdp2_offload"] == "ModelParallelStrategy + cpu offload"
+    assert names["fsdp1"] == "FSDPStrategy"
