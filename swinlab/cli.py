@@ -99,6 +99,9 @@ class SwinlabCLI(LightningCLI):
             if int(threads) < 1:
                 raise ConfigError(f"--threads {threads} must be >= 1 (or left out: torch's default)")
             torch.set_num_threads(int(threads))
+        if self.subcommand in ("fit", "validate", "test", "predict"):
+            from .scale import check_config
+            check_config(cfg)  # impossible strategy/precision combinations: one line before anything is built
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
             self._resolve_last(cfg)
 

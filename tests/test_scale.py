@@ -249,3 +249,13 @@ def test_estimator_reports_the_configured_strategy(monkeypatch):
     assert names["fsdp2"] == "ModelParallelStrategy"
     assert names["fsdp2_offload"] == "ModelParallelStrategy + cpu offload"
     assert names["fsdp1"] == "FSDPStrategy"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("strategy", ["zero2", "zero3_offload", "fsdp1"])
+def test_gpu_only_strategies_are_refused_by_the_cli_before_anything_is_built(strategy):
+    args = ["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"),
+            "--config", str(ROOT / "experiments" / "strategy" / f"{strategy}.yaml")]
+    with pytest.raises(ConfigError, match="needs CUDA GPUs") as err:
+        main(args)
+    assert "\n" not in str(err.value) and "fsdp2.yaml" in str(err.value)
