@@ -11,11 +11,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..errors import ConfigError
 from ..models import create_model
 from ..scale import check_run
+from .base import SwinTask
 from .optim import global_batch_size, param_groups, recipe_optimizer
-from .sharding import check_sharding, defer_checkpointing_to_strategy, shard_swin
+from .sharding import check_sharding
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(SwinTask, pl.LightningModule):
     """Swin classifier with the official ImageNet recipe as defaults.
 
     Args:
@@ -107,19 +108,8 @@ class ImageClassifier(pl.LightningModule):
             self.val_acc1_ema = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
-        self._configured = False
 
     # -- model set-up ---------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        """Shard with FSDP2 under ModelParallelStrategy (each block, then the whole model); compile if asked."""
-        if self._configured:
-            return
-        self._configured = True
-        defer_checkpointing_to_strategy(self.model, self._trainer)
-        shard_swin(self.model, self.device_mesh, self.hparams.get("sharding"))
-        if self.hparams.compile:
-            self.model.compile()
-
     def setup(self, stage: str) -> None:
         check_run(self._trainer, self)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -135,9 +125,6 @@ class ImageClassifier(pl.LightningModule):
                 raise ConfigError(f"data.init_args.img_size is {got[0]}x{got[1]} but the model is built for "
                                   f"{want[0]}x{want[1]}: set model.init_args.model_kwargs.img_size: {got[0]} "
                                   f"or change the data size")
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(self.model.config)}
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import create_model
 from ..scale import check_run
+from .base import SwinTask
 from .optim import param_groups, recipe_optimizer
-from .sharding import check_sharding, defer_checkpointing_to_strategy, shard_swin
+from .sharding import check_sharding
 
 
 class MaskGenerator:
@@ -49,7 +50,7 @@ class MaskGenerator:
         return mask.to(device) if device is not None else mask
 
 
-class MaskedImageModeling(pl.LightningModule):
+class MaskedImageModeling(SwinTask, pl.LightningModule):
     """SimMIM pretraining of a registry Swin model.
 
     Args:
@@ -99,7 +100,6 @@ class MaskedImageModeling(pl.LightningModule):
         self.decoder = nn.Sequential(
             nn.Conv2d(enc.num_features, self.encoder_stride ** 2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(self.encoder_stride))
-        self._configured = False
 
     # -- model ----------------------------------------------------------------------------------------------------
     @property
@@ -107,20 +107,8 @@ class MaskedImageModeling(pl.LightningModule):
         """The encoder (the monitoring/export callbacks look for ``model``); not registered twice."""
         return self.encoder
 
-    def configure_model(self) -> None:
-        if self._configured:
-            return
-        self._configured = True
-        defer_checkpointing_to_strategy(self.encoder, self._trainer)
-        shard_swin(self.encoder, self.device_mesh, self.hparams.get("sharding"))
-        if self.hparams.compile:
-            self.encoder.compile()
-
     def setup(self, stage: str) -> None:
         check_run(self._trainer, self)
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(self.encoder.config)}
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images and token mask -> (B, C_last, H/stride, W/stride) features."""
