@@ -113,6 +113,9 @@ def check_config(config: Any) -> None:
             attention = attention or preset.get("attention")
             bias = bias or preset.get("position_bias")
     sharding = init.get("sharding")
+    if sharding:
+        from .tasks.sharding import check_sharding  # local: the tasks import this module
+        check_sharding(sharding)  # the options' own values first: a bad dtype is named before the strategy rule
     _precision_rules(str(trainer.get("precision") or "32-true"), _is_v2(attention, bias), family, sharding)
 
 
