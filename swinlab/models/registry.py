@@ -107,14 +107,10 @@ def get_variant(name: str) -> Variant:
     raise ConfigError(f"unknown model {name!r}: {hint}(swinlab.list_models() or `python -m swinlab models` lists all)")
 
 
-def _window_pairs(value: Union[int, Sequence[Any]], n: int, what: str) -> List[Tuple[int, int]]:
-    return per_stage(value, n, what)
-
-
 def source_pretrained_windows(cfg: Dict[str, Any]) -> List[Tuple[int, int]]:
     """The window each stage's CPB was trained against: its pretrained window if set, else its clamped window."""
     n = len(cfg["depths"])
-    pretrained = _window_pairs(cfg.get("pretrained_window_size", 0), n, "pretrained_window_size")
+    pretrained = per_stage(cfg.get("pretrained_window_size", 0), n, "pretrained_window_size")
     geo = stage_geometry(cfg["img_size"], cfg["patch_size"], cfg["window_size"], n)
     return [p if p[0] > 0 else g["window"] for p, g in zip(pretrained, geo)]
 
