@@ -221,7 +221,53 @@ def test_v2_g_cpu_fits_two_steps_through_the_cli(tmp_path):
     assert len(ea.Scalars("train/loss")) == 2
 
 
+# -- Lightning's DeepSpeedStrategy with ImageClassifier on CPU (test-only subclass; product code stays standard) ----
+def _deepspeed_lightning_worker(out: pathlib.Path) -> None:
+    """Single device, then ZeRO-2 and ZeRO-3 through Lightning's DeepSpeedStrategy, same module, data and seed."""
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class CPUDeepSpeed(DeepSpeedStrategy):
+        """Lightning's DeepSpeedStrategy minus its two CUDA-only checks (accelerator type, device index)."""
+
+        def setup_environment(self):
+            super(DeepSpeedStrategy, self).setup_environment()
+
+        @property
+        def root_device(self):  # DeepSpeed wants a device index; its CPU accelerator ignores it
+            return torch.device("cpu", 0)
+
+        def setup_distributed(self):
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+    torch.set_num_threads(1)
+    runs = {"single": "auto", "zero2": CPUDeepSpeed(stage=2, process_group_backend="gloo"),
+            "zero3": CPUDeepSpeed(stage=3, process_group_backend="gloo")}
+    result = {}
+    for tag, strategy in runs.items():
+        result[tag] = _fit(strategy, 1, BATCH, STEPS + 1, out, tag)
+    (out / "deepspeed_lightning.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_lightning_deepspeed_strategy_zero2_zero3_follow_single_device_on_cpu(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, __file__, "deepspeed-lightning", str(tmp_path)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    losses = json.loads((tmp_path / "deepspeed_lightning.json").read_text())
+    assert len(losses["single"]) == STEPS + 1 and losses["single"][-1] != pytest.approx(losses["single"][0], rel=1e-3)
+    for stage in ("zero2", "zero3"):
+        assert losses[stage] == pytest.approx(losses["single"], rel=1e-4, abs=1e-6), stage
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     sys.path.insert(0, str(ROOT))
     _worker(pathlib.Path(sys.argv[2]))
+elif __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "deepspeed-lightning":
+    sys.path.insert(0, str(ROOT))
+    _deepspeed_lightning_worker(pathlib.Path(sys.argv[2]))
 
