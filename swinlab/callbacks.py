@@ -122,7 +122,7 @@ def attention_probs(attn: torch.nn.Module, x: torch.Tensor, mask: Optional[torch
     x = x[:1, :1].float()
     _, _, N, C = x.shape
     nH, hd = attn.num_heads, attn.head_dim
-    bias = attn._qkv_bias()
+    bias = attn.qkv_bias()
     qkv = F.linear(x, attn.qkv.weight.float(), None if bias is None else bias.float())
     q, k, _ = qkv.view(N, 3, nH, hd).permute(1, 2, 0, 3).unbind(0)  # heads, N, hd
     if attn.attention == "cosine":

@@ -243,9 +243,13 @@ class WindowAttention(nn.Module):
         N = self.window_area
         return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
 
-    def _qkv_bias(self) -> Optional[torch.Tensor]:
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        """The bias of the fused qkv projection: V1's ``qkv.bias``, or V2's ``q_bias | 0 | v_bias``.
+
+        The zero k part is a buffer; DeepSpeed's bf16/fp16 engines cast parameters but not buffers, so it takes the
+        parameters' dtype here (a no-op when they already agree)."""
         if self.qkv_bias_kind == "qv":
-            return torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            return torch.cat((self.q_bias, self.k_bias.to(self.q_bias.dtype), self.v_bias))
         return self.qkv.bias
 
     def _attend(self, q, k, v, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -278,7 +282,7 @@ class WindowAttention(nn.Module):
         """x: (B, num_windows, N, C); mask: (num_windows, N, N) shift mask or None."""
         B, nW, N, C = x.shape
         nH, hd = self.num_heads, self.head_dim
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
         q, k, v = qkv.view(B, nW, N, 3, nH, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, nH, N, hd
         if self.attention == "cosine":
             with _autocast_off(x.device):
