@@ -160,6 +160,48 @@ def shift_mask(padded: Int2, window: Int2, shift: Int2, device=None) -> torch.Te
     return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
 
+_DEFER_META_LOADS: List[int] = [0]
+
+
+@contextlib.contextmanager
+def defer_meta_loads():
+    """Inside this context, ``load_state_dict`` on a :class:`SwinTransformer` whose parameters are on the meta device
+    keeps the state dict (``pending_state_dict``) for after materialisation, so ``create_model(name,
+    checkpoint=...)`` under ``torch.device("meta")`` gives an empty model that still knows its weights."""
+    _DEFER_META_LOADS[0] += 1
+    try:
+        yield
+    finally:
+        _DEFER_META_LOADS[0] -= 1
+
+
+def _dtensor_rng_ok(tensor: torch.Tensor) -> Optional[bool]:
+    """None for a plain tensor; for a DTensor, whether its mesh has DTensor's random ops (CUDA-like devices: each
+    shard gets its own part of one random stream). On CPU meshes every rank would draw the same numbers."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        return None
+    if not isinstance(tensor, DTensor):
+        return None
+    kind = tensor.device_mesh.device_type
+    return kind != "cpu" and hasattr(getattr(torch, kind, None), "set_rng_state")
+
+
+@torch.no_grad()
+def _random_(param: torch.Tensor, fill) -> None:
+    """Apply the in-place random initialiser ``fill`` to ``param``. A DTensor on a mesh without DTensor RNG support
+    gets one full draw on rank 0 of its mesh, scattered so each rank keeps its own shard (one parameter at a time)."""
+    if _dtensor_rng_ok(param) is not False:
+        fill(param)
+        return
+    from torch.distributed.tensor import distribute_tensor
+    local = param.to_local()
+    full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+    fill(full)
+    local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0).to_local())
+
+
 def _autocast_off(device: torch.device):
     if device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
@@ -212,9 +254,16 @@ class WindowAttention(nn.Module):
         self.reset_buffers()
 
     @torch.no_grad()
-    def reset_buffers(self) -> None:
-        """(Re)compute the non-persistent buffers; they are never loaded from a checkpoint."""
+    def reset_buffers(self, device: Optional[Union[str, torch.device]] = None) -> None:
+        """(Re)compute the non-persistent buffers; they are never loaded from a checkpoint. With ``device``, they
+        are first moved there (e.g. parameters offloaded to the CPU, buffers on the GPU)."""
+        if device is not None:
+            for name, buf in self._buffers.items():
+                if buf is not None:
+                    self._buffers[name] = torch.empty_like(buf, device=device)
         if self.position_bias_kind == "none":
+            if self.qkv_bias_kind == "qv" and self.k_bias.device.type != "meta":
+                self.k_bias.zero_()
             return
         device = self.relative_position_index.device
         if device.type == "meta":
@@ -333,12 +382,13 @@ class SwinBlock(nn.Module):
         self._mask_key: Optional[Tuple[int, ...]] = None
         self._mask_cache: Dict[Tuple[Any, ...], torch.Tensor] = {}
 
-    def set_input_resolution(self, resolution: Int2) -> None:
-        """Precompute the shift mask for the stage resolution the model was built for."""
+    def set_input_resolution(self, resolution: Int2, device: Optional[Union[str, torch.device]] = None) -> None:
+        """Precompute the shift mask for the stage resolution the model was built for (on ``device``, by default
+        that of the block's parameters)."""
         key = self._mask_geometry(*resolution)
         self._mask_key = key
         self._mask_cache.clear()
-        device = self.norm1.weight.device
+        device = torch.device(device) if device is not None else self.norm1.weight.device
         if any(key[2:]) and device.type != "meta":
             self.attn_mask = shift_mask(key[:2], self.window, key[2:], device)
         else:
@@ -583,13 +633,102 @@ class SwinTransformer(nn.Module):
                 nn.init.zeros_(norm.bias)
 
     @torch.no_grad()
-    def reset_buffers(self) -> None:
+    def reset_buffers(self, device: Optional[Union[str, torch.device]] = None) -> None:
         """Rebuild every non-persistent buffer (index tables, CPB coordinates, shift masks), e.g. after
-        materialising a model that was created on the meta device."""
+        materialising a model that was created on the meta device. ``device``: where the buffers go (default: where
+        they are; the shift masks follow the block's parameters)."""
         for i, stage in enumerate(self.layers):
             for blk in stage.blocks:
-                blk.attn.reset_buffers()
-                blk.set_input_resolution(self.geometry[i]["resolution"])
+                blk.attn.reset_buffers(device)
+                blk.set_input_resolution(self.geometry[i]["resolution"], device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter as an eager build does (in distribution, not bit for bit: the eager
+        ``__init__`` draws in construction order), then recompute the buffers (:meth:`reset_buffers`).
+
+        For a model created on the meta device and materialised with ``to_empty``, sharded (FSDP2 DTensor
+        parameters) or not. Per kind: Linear weights (attention, MLP, patch merging, CPB MLP, head) trunc-normal
+        std 0.02 and zero biases; LayerNorms weight 1 / bias 0, except the V2 res-post norms (``norm1``/``norm2``),
+        which are 0 / 0; ``logit_scale`` ln 10; ``q_bias``/``v_bias`` 0; V1 ``relative_position_bias_table``
+        trunc-normal 0.02; the patch-embedding convolution as ``nn.Conv2d`` initialises itself.
+        """
+        for module in self.modules():
+            self.init_module_weights(module)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def init_module_weights(self, module: nn.Module) -> None:
+        """Initialise the parameters that ``module`` (a submodule of this model) holds directly, not those of its
+        children: DeepSpeed ZeRO-3 gathers one module's parameters at a time for this."""
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            return
+        if isinstance(module, nn.Linear):
+            _random_(module.weight, lambda t: trunc_normal_(t, std=0.02))
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Conv2d):
+            # nn.Conv2d's own init: kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as its bias
+            fan_in = math.prod(module.weight.shape[1:])
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            _random_(module.weight, lambda t: nn.init.uniform_(t, -bound, bound))
+            if module.bias is not None:
+                _random_(module.bias, lambda t: nn.init.uniform_(t, -bound, bound))
+        elif isinstance(module, nn.LayerNorm):
+            res_post = any(blk.res_post and (module is blk.norm1 or module is blk.norm2) for blk in self.blocks())
+            module.weight.fill_(0.0 if res_post else 1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, WindowAttention):
+            for name, param in own.items():
+                if name == "relative_position_bias_table":
+                    _random_(param, lambda t: trunc_normal_(t, std=0.02))
+                elif name == "logit_scale":
+                    param.fill_(math.log(10.0))
+                elif name in ("q_bias", "v_bias"):
+                    param.zero_()
+                else:
+                    raise RuntimeError(f"init_weights does not know WindowAttention.{name}: add its initialisation")
+        else:
+            raise RuntimeError(f"init_weights does not know the parameters {sorted(own)} of {type(module).__name__}: "
+                               f"add their initialisation")
+
+    # -- loading into a model that is still on the meta device ----------------------------------------------------
+    pending_state_dict: Optional[Tuple[Dict[str, torch.Tensor], bool]] = None
+
+    def is_meta(self) -> bool:
+        """True while any parameter is still on the meta device (an empty-init build not yet materialised)."""
+        return any(p.is_meta for p in self.parameters())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; inside :func:`defer_meta_loads`, a model still on the meta device checks
+        the keys and shapes and keeps ``state_dict`` in ``pending_state_dict`` (PyTorch would copy into meta
+        tensors, a no-op) for the materialisation to load (:meth:`load_pending_state_dict`)."""
+        if not (_DEFER_META_LOADS[0] and not assign and self.is_meta()):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        shapes = [k for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+        if shapes or (strict and (missing or unexpected)):
+            raise RuntimeError(f"state dict does not fit {type(self).__name__}: missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]}, shape mismatches {shapes[:3]}")
+        self.pending_state_dict = ({k: v for k, v in state_dict.items() if k in own}, bool(strict))
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def pop_pending_state_dict(self) -> Optional[Tuple[Dict[str, torch.Tensor], bool]]:
+        """The (state dict, strict) kept by a deferred load, removed from the model; None if there is none."""
+        pending, self.pending_state_dict = self.pending_state_dict, None
+        return pending
+
+    def load_pending_state_dict(self) -> bool:
+        """Load a deferred state dict into this (materialised, unsharded) model; False if there was none."""
+        pending = self.pop_pending_state_dict()
+        if pending is None:
+            return False
+        super().load_state_dict(pending[0], strict=pending[1])
+        return True
 
     # -- switches and helpers -------------------------------------------------------------------------------------
     def blocks(self) -> List[SwinBlock]:

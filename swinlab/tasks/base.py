@@ -1,28 +1,115 @@
-"""What every swinlab LightningModule shares: model set-up under the strategy and the checkpoint metadata."""
+"""What every swinlab LightningModule shares: building the model (eagerly or on the meta device), setting it up
+under the strategy, and the checkpoint metadata."""
 from __future__ import annotations
 
-from typing import Any, Dict
+import contextlib
+from typing import Any, Dict, Optional
 
-from .sharding import defer_checkpointing_to_strategy, shard_swin
+import torch
+
+from ..errors import ConfigError
+from .optim import record_param_shapes
+from .sharding import (
+    compile_blocks,
+    defer_checkpointing_to_strategy,
+    materialize_local,
+    materialize_sharded,
+    materialize_zero3,
+    shard_swin,
+)
+
+
+@contextlib.contextmanager
+def _mmap_checkpoint_reads():
+    """``torch.load`` maps checkpoint files instead of reading them (tensors are paged in when used): an empty-init
+    build reads only what it needs from the file until the weights are loaded into the shards."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # pragma: no cover - torch < 2.5: plain reads
+        yield
+        return
+    saved = config.load.mmap
+    config.load.mmap = True
+    try:
+        yield
+    finally:
+        config.load.mmap = saved
+
+
+def build_model(name: str, *, empty_init: bool, checkpoint: Optional[str] = None, **kwargs: Any):
+    """``create_model(name, checkpoint=..., **kwargs)``; with ``empty_init`` on the meta device (no memory, no
+    initialisation): the checkpoint's keys and shapes are checked and its state dict kept for
+    ``configure_model`` to load after materialisation (``SwinTransformer.pending_state_dict``)."""
+    from ..models import create_model
+    from ..models.swin import defer_meta_loads
+
+    if not empty_init:
+        return create_model(name, checkpoint=checkpoint, **kwargs)
+    with torch.device("meta"), defer_meta_loads(), _mmap_checkpoint_reads():
+        return create_model(name, checkpoint=checkpoint, **kwargs)
+
+
+def _is_zero3(strategy: Any) -> bool:
+    return getattr(strategy, "zero_stage_3", False) is True
+
+
+def _is_fsdp1(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+    return isinstance(strategy, FSDPStrategy)
 
 
 class SwinTask:
     """Mixin for LightningModules that hold a registry Swin as ``self.model`` (named ``self.model_name``) and have
-    ``sharding`` / ``compile`` hyperparameters."""
+    ``sharding`` / ``compile`` / ``empty_init`` hyperparameters."""
 
     _configured = False
+    _model_attr = "model"  # the attribute that holds the Swin model (SimMIM: "encoder")
 
     def configure_model(self) -> None:
-        """FSDP2 per block then the whole model under ModelParallelStrategy; FSDP1's own activation checkpointing
-        replaces the model's; ``torch.compile`` in place (checkpoint keys unchanged) if asked."""
+        """Set the model up under the strategy, in this order:
+
+        1. record every parameter's true shape (weight decay is decided by shape, after sharding);
+        2. an empty-init (meta-device) model is materialised: under DeepSpeed ZeRO-3 it is built again inside
+           ``deepspeed.zero.Init`` and initialised module by module; under any strategy without a device mesh it is
+           allocated on the device and initialised; under FSDP2 only after step 4, shard by shard;
+        3. ``torch.compile`` per block, in place, if asked (activation checkpointing stays per block, outside);
+        4. FSDP2 under ModelParallelStrategy: ``fully_shard`` per block then the root (HSDP on several nodes).
+        FSDP1's own activation checkpointing replaces the model's. A deferred checkpoint is loaded after
+        materialisation.
+        """
         if self._configured:
             return
         self._configured = True
-        defer_checkpointing_to_strategy(self.model, self._trainer)
-        shard_swin(self.model, self.device_mesh, self.hparams.get("sharding"))
+        trainer = self._trainer
+        strategy = getattr(trainer, "strategy", None)
+        model = getattr(self, self._model_attr)
+        record_param_shapes(self)
+        record_param_shapes(model)
+        defer_checkpointing_to_strategy(model, trainer)
+        mesh = self.device_mesh
+        meta = model.is_meta()
+        device = getattr(strategy, "root_device", None) or torch.device("cpu")
+        if meta and mesh is None:
+            if _is_zero3(strategy):
+                model = materialize_zero3(model)
+                setattr(self, self._model_attr, model)
+            else:  # FSDP1 wraps (and moves) a CPU model unit by unit, as it does an eager build
+                materialize_local(model, torch.device("cpu") if _is_fsdp1(strategy) else device)
+            meta = False
         if self.hparams.get("compile"):
-            self.model.compile()
+            compile_blocks(model)
+        sharding = self.hparams.get("sharding")
+        shard_swin(model, mesh, sharding, num_nodes=int(getattr(trainer, "num_nodes", 1) or 1))
+        if meta:
+            materialize_sharded(model, device, cpu_offload=bool((sharding or {}).get("cpu_offload")))
+
+    def _check_empty_init(self, ema_decay: Optional[float] = None) -> None:
+        if self.hparams.get("empty_init") and ema_decay is not None:
+            raise ConfigError("ema_decay is set with empty_init: the EMA copy is made in __init__, from a model that "
+                              "is still on the meta device (and would be a full unsharded copy on every rank): set "
+                              "model.init_args.ema_decay: null, or empty_init: false")
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Lets ``create_model(name, checkpoint=...)`` rebuild the saved geometry from a Lightning checkpoint."""
-        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(self.model.config)}
+        model = getattr(self, self._model_attr)
+        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(model.config)}

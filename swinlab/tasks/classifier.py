@@ -9,9 +9,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import ConfigError
-from ..models import create_model
 from ..scale import check_run
-from .base import SwinTask
+from .base import SwinTask, build_model
 from .optim import global_batch_size, param_groups, recipe_optimizer
 from .sharding import check_sharding
 
@@ -36,7 +35,11 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode: timm Mixup (off when mixup and cutmix are 0).
         ema_decay: keep an EMA of the weights (timm ModelEmaV3) and validate it too (``val/acc1_ema``); None: off.
         sharding: FSDP2 options under ModelParallelStrategy (``param_dtype``, ``reduce_dtype``, ``cpu_offload``,
-            ``reshard_after_forward``); see ``swinlab.tasks.sharding`` and experiments/strategy/fsdp2*.yaml.
+            ``reshard_after_forward``, ``hsdp``: auto/true/false); see ``swinlab.tasks.sharding`` and
+            experiments/strategy/fsdp2*.yaml.
+        empty_init: build the model on the meta device (no memory) and materialise it in ``configure_model``: under
+            FSDP2 and DeepSpeed ZeRO-3 each rank then only ever holds its shards; ``checkpoint`` is loaded after.
+            Not with ``ema_decay``.
     """
 
     def __init__(
@@ -65,10 +68,12 @@ class ImageClassifier(SwinTask, pl.LightningModule):
             ema_decay: Optional[float] = None,
             ema_warmup: bool = False,
             sharding: Optional[Dict[str, Any]] = None,
+            empty_init: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         check_sharding(sharding)
+        self._check_empty_init(ema_decay)
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} must be >= 1: set model.init_args.num_classes")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
@@ -81,7 +86,8 @@ class ImageClassifier(SwinTask, pl.LightningModule):
                 raise ConfigError(f"model_kwargs.{key} is not allowed: set model.init_args.{key} instead")
         self.model_name = model_name
         try:
-            self.model = create_model(model_name, checkpoint=checkpoint, num_classes=num_classes, **kwargs)
+            self.model = build_model(model_name, empty_init=empty_init, checkpoint=checkpoint,
+                                     num_classes=num_classes, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"model_kwargs for {model_name!r} are invalid ({exc}): use SwinTransformer "
                               f"constructor arguments") from None

@@ -14,15 +14,50 @@ from torch import nn
 # Parameter-name fragments trained without weight decay in the official recipe (V1 table, V2 CPB MLP and logit
 # scale). Biases and every 1-D parameter (norm weights, q/v biases) are excluded as well.
 NO_DECAY_KEYWORDS: Tuple[str, ...] = ("relative_position_bias_table", "cpb_mlp", "logit_scale")
+# Name components that wrappers insert (FSDP1, checkpoint_wrapper, torch.compile's OptimizedModule)
+WRAPPER_PREFIXES: Tuple[str, ...] = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def is_no_decay(name: str, param: torch.Tensor, keywords: Iterable[str] = NO_DECAY_KEYWORDS) -> bool:
+def clean_param_name(name: str) -> str:
+    """The parameter's name in the unwrapped model (wrapper components removed)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def true_shape(name: str, param: torch.Tensor, shapes: Optional[Dict[str, Sequence[int]]] = None) -> Tuple[int, ...]:
+    """A parameter's real shape, whatever a strategy did to it: DeepSpeed ZeRO-3 partitions to an empty tensor and
+    keeps the shape in ``ds_shape``; FSDP1 (``use_orig_params``) exposes flat 1-D views, so the shape recorded from
+    the unsharded model (``shapes``, keyed by clean name) is used; FSDP2's DTensors report the global shape."""
+    ds_shape = getattr(param, "ds_shape", None)
+    if ds_shape is not None:
+        return tuple(int(d) for d in ds_shape)
+    if shapes:
+        recorded = shapes.get(clean_param_name(name))
+        if recorded is not None:
+            return tuple(int(d) for d in recorded)
+    return tuple(param.shape)
+
+
+def record_param_shapes(module: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    """Record every parameter's true shape on ``module`` (``module.true_param_shapes``, clean names) while it is
+    unsharded (or on the meta device), so ``param_groups`` decides weight decay by shape after wrapping."""
+    shapes = {clean_param_name(n): true_shape(n, p) for n, p in module.named_parameters()}
+    module.true_param_shapes = shapes
+    return shapes
+
+
+def is_no_decay(name: str, param: torch.Tensor, keywords: Iterable[str] = NO_DECAY_KEYWORDS,
+                shapes: Optional[Dict[str, Sequence[int]]] = None) -> bool:
     """True for parameters the official recipe does not decay: biases, norms/1-D tensors and the keyword matches.
 
-    Keywords match any dotted component of the name (``layers.0.blocks.1.attn.cpb_mlp.0.weight`` matches
-    ``cpb_mlp``); timm's training script compares whole names instead, so its V2 exclusions never match.
+    The dimension is that of the parameter's true shape (:func:`true_shape`), not of the flat or partitioned tensor
+    a sharding strategy leaves in the module. Keywords match any dotted component of the name
+    (``layers.0.blocks.1.attn.cpb_mlp.0.weight`` matches ``cpb_mlp``); timm's training script compares whole names
+    instead, so its V2 exclusions never match.
     """
-    if param.ndim <= 1 or name.endswith(".bias"):
+    name = clean_param_name(name)
+    if len(true_shape(name, param, shapes)) <= 1 or name.endswith(".bias"):
         return True
     parts = name.split(".")
     return any(k in parts or name.endswith(k) for k in keywords)
@@ -45,13 +80,18 @@ def layer_id(name: str, depths: Sequence[int]) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Optional[float] = None,
-                 keywords: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
+                 keywords: Optional[Iterable[str]] = None,
+                 shapes: Optional[Dict[str, Sequence[int]]] = None) -> List[Dict[str, Any]]:
     """Optimizer parameter groups for a SwinTransformer.
 
     Each group holds ``params``, ``weight_decay``, ``name`` (``decay``/``no_decay``, with ``_l<id>`` under layer
-    decay) and, with ``layer_decay``, ``lr_scale = layer_decay ** (num_layers + 1 - id)`` which timm's schedulers
-    apply on top of the scheduled LR. Frozen parameters are left out.
+    decay), ``param_names`` (wrapper components removed) and, with ``layer_decay``,
+    ``lr_scale = layer_decay ** (num_layers + 1 - id)`` which timm's schedulers apply on top of the scheduled LR.
+    Frozen parameters are left out. Shapes: ``shapes``, else ``model.true_param_shapes`` (recorded by the tasks'
+    ``configure_model`` before sharding), else ZeRO-3's ``ds_shape`` / the tensor's own shape.
     """
+    if shapes is None:
+        shapes = getattr(model, "true_param_shapes", None)
     if keywords is None:
         keywords = getattr(model, "no_weight_decay_keywords", lambda: NO_DECAY_KEYWORDS)()
     keywords = tuple(keywords)
@@ -61,7 +101,8 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Opti
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = is_no_decay(name, p, keywords)
+        name = clean_param_name(name)
+        no_decay = is_no_decay(name, p, keywords, shapes)
         key = "no_decay" if no_decay else "decay"
         scale = 1.0
         if layer_decay is not None and layer_decay != 1.0:

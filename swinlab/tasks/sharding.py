@@ -1,15 +1,21 @@
-"""FSDP2 (``fully_shard``) for Swin models under Lightning's ModelParallelStrategy: one unit per block, then the
-root, with optional bf16/fp16 parameters (fp32 gradient reduction) and CPU offload."""
+"""Putting a Swin model under a strategy: FSDP2 (``fully_shard``) under Lightning's ModelParallelStrategy, one unit
+per block then the root, with optional bf16/fp16 parameters (fp32 gradient reduction), CPU offload and HSDP on
+several nodes; per-block ``torch.compile``; and materialising a model built on the meta device (``empty_init``)
+under FSDP2, DeepSpeed ZeRO-3 or any other strategy, without any rank holding the full model where it shards."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import logging
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
+HSDP_CHOICES = ("auto", True, False)
 
 
 def _dtype(name: Optional[str], what: str) -> Optional[torch.dtype]:
@@ -23,17 +29,54 @@ def _dtype(name: Optional[str], what: str) -> Optional[torch.dtype]:
 def check_sharding(sharding: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Validate the ``sharding`` options of a task (before any training starts)."""
     opts = dict(sharding or {})
-    allowed = {"param_dtype", "reduce_dtype", "cpu_offload", "reshard_after_forward"}
+    allowed = {"param_dtype", "reduce_dtype", "cpu_offload", "reshard_after_forward", "hsdp"}
     unknown = sorted(set(opts) - allowed)
     if unknown:
         raise ConfigError(f"unknown sharding option(s) {unknown}: use {sorted(allowed)}")
     _dtype(opts.get("param_dtype"), "param_dtype")
     _dtype(opts.get("reduce_dtype"), "reduce_dtype")
+    hsdp = opts.get("hsdp", "auto")
+    if not any(hsdp is c if isinstance(c, bool) else hsdp == c for c in HSDP_CHOICES):
+        raise ConfigError(f"sharding.hsdp={hsdp!r} is not valid: use auto (HSDP when the run spans several nodes), "
+                          f"true or false")
     return opts
 
 
-def shard_swin(model: torch.nn.Module, device_mesh, sharding: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
-    """Apply ``fully_shard`` to every Swin block and then the whole model; no-op without a device mesh."""
+def hsdp_mesh_shape(world_size: int, num_nodes: int, hsdp: Any = "auto") -> Optional[Tuple[int, int]]:
+    """The (replicate, shard) mesh shape for HSDP, or None for FSDP over all ``world_size`` ranks.
+
+    ``auto``: HSDP when the run spans several nodes with several ranks each (shard within a node, replicate across
+    nodes); ``true``: HSDP whenever there is more than one node; ``false``: never.
+    """
+    if hsdp is False:
+        return None
+    if num_nodes <= 1:
+        if hsdp is True:
+            raise ConfigError("sharding.hsdp is true but the run has one node: HSDP replicates across nodes; set "
+                              "trainer.num_nodes, or sharding.hsdp: auto")
+        return None
+    if world_size % num_nodes:
+        raise ConfigError(f"{world_size} ranks do not split evenly over {num_nodes} nodes: HSDP needs the same number "
+                          f"of devices on every node (or set sharding.hsdp: false)")
+    per_node = world_size // num_nodes
+    if per_node == 1 and hsdp == "auto":  # one rank per node: nothing to shard within a node, plain FSDP
+        return None
+    return num_nodes, per_node
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` every Swin block in place (``nn.Module.compile``: parameter names and state-dict keys do not
+    change). Activation checkpointing stays outside, in ``SwinStage.forward``; apply before ``fully_shard``."""
+    for blk in model.blocks():
+        blk.compile()
+
+
+def shard_swin(model: torch.nn.Module, device_mesh, sharding: Optional[Dict[str, Any]] = None, *,
+               num_nodes: int = 1) -> torch.nn.Module:
+    """Apply ``fully_shard`` to every Swin block and then the whole model; no-op without a device mesh.
+
+    On several nodes (``num_nodes`` > 1, ``sharding.hsdp`` auto or true) the data-parallel ranks form a 2-D
+    (replicate across nodes, shard within a node) mesh: HSDP. Works on a model still on the meta device."""
     if device_mesh is None:
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -41,6 +84,11 @@ def shard_swin(model: torch.nn.Module, device_mesh, sharding: Optional[Dict[str,
     opts = check_sharding(sharding)
     names = device_mesh.mesh_dim_names or ()
     mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    shape = hsdp_mesh_shape(mesh.size(), int(num_nodes), opts.get("hsdp", "auto"))
+    if shape is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(mesh.device_type, shape, mesh_dim_names=("replicate", "shard"))
+        log.info("HSDP: parameters sharded over the %d ranks of a node, replicated over %d nodes", shape[1], shape[0])
     kwargs: Dict[str, Any] = dict(mesh=mesh, reshard_after_forward=bool(opts.get("reshard_after_forward", True)))
     param_dtype = _dtype(opts.get("param_dtype"), "param_dtype")
     if param_dtype is not None:
@@ -54,6 +102,75 @@ def shard_swin(model: torch.nn.Module, device_mesh, sharding: Optional[Dict[str,
     return model
 
 
+# -- materialising an empty (meta-device) model ----------------------------------------------------------------------
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def materialize_local(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Any strategy that does not shard at build time: allocate on ``device``, initialise, load a deferred
+    checkpoint. The full model on every rank (as an eager build), just built where it is used."""
+    model.to_empty(device=device)
+    model.init_weights()
+    model.load_pending_state_dict()
+    return model
+
+
+def materialize_sharded(model: torch.nn.Module, device: torch.device, cpu_offload: bool = False) -> torch.nn.Module:
+    """FSDP2 after ``fully_shard`` on the meta device: allocate each rank's shards only (on the CPU with offload),
+    initialise them (:meth:`SwinTransformer.init_weights`, DTensor-aware), put the buffers on ``device``, then load a
+    deferred checkpoint from rank 0 (``set_model_state_dict(full_state_dict, broadcast_from_rank0)``: rank 0 reads
+    the file, every rank keeps its shards, one parameter at a time)."""
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    model.init_weights()
+    if cpu_offload:
+        model.reset_buffers(device)
+    pending = model.pop_pending_state_dict()
+    if pending is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        state_dict, strict = pending
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+        set_model_state_dict(model, state_dict if _rank() == 0 else {}, options=options)
+        del state_dict
+    return model
+
+
+def materialize_zero3(meta_model: torch.nn.Module) -> torch.nn.Module:
+    """DeepSpeed ZeRO-3: call inside ``deepspeed.zero.Init`` (Lightning's DeepSpeedStrategy runs ``configure_model``
+    in it). Builds the model again from ``meta_model.config`` (parameters are partitioned as each module is
+    created), then initialises and loads a deferred checkpoint one module at a time under
+    ``GatheredParameters(modifier_rank=0)``: never more than one module's parameters gathered."""
+    import deepspeed
+
+    model = type(meta_model)(**meta_model.config)
+    for attr in ("variant_name", "true_param_shapes"):
+        if hasattr(meta_model, attr):
+            setattr(model, attr, getattr(meta_model, attr))
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                model.init_module_weights(module)  # every rank draws (RNG streams stay aligned); rank 0's values win
+    model.reset_buffers()
+    pending = meta_model.pop_pending_state_dict()
+    if pending is not None:
+        state_dict, strict = pending
+        rank0 = _rank() == 0
+        for prefix, module in model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0):
+                if rank0:
+                    for name, param in own.items():
+                        value = state_dict.get(f"{prefix}.{name}" if prefix else name)
+                        if value is not None:
+                            param.data.copy_(value.to(param.dtype))
+        del state_dict
+    return model
+
+
 def defer_checkpointing_to_strategy(model: torch.nn.Module, trainer: Any) -> bool:
     """Under Lightning's FSDPStrategy with an ``activation_checkpointing_policy``, the strategy wraps each block in a
     checkpoint wrapper: turn the model's own per-block checkpointing off so blocks are not recomputed twice.
@@ -64,7 +181,6 @@ def defer_checkpointing_to_strategy(model: torch.nn.Module, trainer: Any) -> boo
     if not getattr(model, "config", {}).get("grad_checkpointing"):
         return False
     model.set_grad_checkpointing(False)
-    import logging
-    logging.getLogger(__name__).info("FSDPStrategy's activation_checkpointing_policy checkpoints the blocks: "
-                                     "model_kwargs.grad_checkpointing is turned off to avoid recomputing twice")
+    log.info("FSDPStrategy's activation_checkpointing_policy checkpoints the blocks: "
+             "model_kwargs.grad_checkpointing is turned off to avoid recomputing twice")
     return True

@@ -16,9 +16,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import create_model
 from ..scale import check_run
-from .base import SwinTask
+from .base import SwinTask, build_model
 from .optim import param_groups, recipe_optimizer
 from .sharding import check_sharding
 
@@ -60,7 +59,11 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
             (2e-4, 1e-6, 1e-5), AdamW (0.9, 0.999), weight decay 0.05, 10 warmup epochs; no layer decay.
         log_images: how many validation images to log (input, masked input, reconstruction) each validation.
         sharding: FSDP2 options under ModelParallelStrategy, as for ImageClassifier.
+        empty_init: build the encoder on the meta device and materialise it in ``configure_model``, as for
+            ImageClassifier (the mask token and decoder are small and built as usual).
     """
+
+    _model_attr = "encoder"
 
     def __init__(
             self,
@@ -81,6 +84,7 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
             log_images: int = 8,
             compile: bool = False,
             sharding: Optional[Dict[str, Any]] = None,
+            empty_init: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -90,7 +94,7 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
             raise ConfigError("model_kwargs.num_classes is not used in SimMIM pretraining (the encoder has no head): "
                               "remove it")
         self.model_name = model_name
-        self.encoder = create_model(model_name, checkpoint=checkpoint, num_classes=0, **kwargs)
+        self.encoder = build_model(model_name, empty_init=empty_init, checkpoint=checkpoint, num_classes=0, **kwargs)
         enc = self.encoder
         self.mask_generator = MaskGenerator(enc.img_size, mask_patch_size, enc.patch_size, mask_ratio)
         self.in_chans = enc.config["in_chans"]
