@@ -102,8 +102,25 @@ class SwinlabCLI(LightningCLI):
         if self.subcommand in ("fit", "validate", "test", "predict"):
             from .scale import check_config
             check_config(cfg)  # impossible strategy/precision combinations: one line before anything is built
+        if cfg.get("trainer.enable_checkpointing") is False:
+            self._checkpointing_off(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
             self._resolve_last(cfg)
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and str(ckpt).split(":")[0] not in SPECIAL_CKPT_PATHS and Path(ckpt).is_dir():
+            from .checkpoint_io import check_checkpoint_folder
+            check_checkpoint_folder(ckpt)  # FSDP2 / DeepSpeed folders: their libraries unpickle what they hold
+
+    @staticmethod
+    def _checkpointing_off(cfg) -> None:
+        """``--trainer.enable_checkpointing false``: Lightning refuses a ModelCheckpoint next to it, and the CLI always
+        adds one (``--checkpoint.*``), so keep the callback but make it save nothing (no top-k, no last.ckpt, no
+        mid-epoch saves); the run then writes no checkpoint, as asked."""
+        cfg.trainer.enable_checkpointing = True
+        cfg.checkpoint.save_top_k = 0
+        cfg.checkpoint.save_last = False
+        cfg.checkpoint.monitor = None
+        cfg.resume.every_n_train_steps = 0
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -206,10 +223,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     saved_argv = sys.argv
-    sys.argv = sys.argv[:1]  # the arguments come through ``args``
+    # Lightning's multi-device launcher starts the other ranks as ``python -m swinlab <sys.argv[1:]>``: sys.argv must
+    # hold this command's arguments (also when main() is called with an explicit argv), or the workers would start
+    # without a subcommand and rank 0 would wait for them forever.
+    sys.argv = [sys.argv[0], *argv]
     try:
         SwinlabCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   args=argv, trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                   trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
                    auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False})
     except ArgumentError as exc:
         cause = _swinlab_cause(exc)

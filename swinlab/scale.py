@@ -91,7 +91,7 @@ def check_config(config: Any) -> None:
     family = strategy_family(trainer.get("strategy"))
     accelerator = str(trainer.get("accelerator") or "auto").lower()
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and family in ("deepspeed", "fsdp"):
+    if on_cpu and family in ("deepspeed", "fsdp") and not _runs_on_cpu(trainer.get("strategy")):
         what = "DeepSpeed" if family == "deepspeed" else "FSDPStrategy (FSDP1)"
         raise ConfigError(f"{what} needs CUDA GPUs but trainer.accelerator is {accelerator} on a machine "
                           f"{'with' if torch.cuda.is_available() else 'without'} CUDA: on CPU use "
@@ -117,6 +117,21 @@ def check_config(config: Any) -> None:
         from .tasks.sharding import check_sharding  # local: the tasks import this module
         check_sharding(sharding)  # the options' own values first: a bad dtype is named before the strategy rule
     _precision_rules(str(trainer.get("precision") or "32-true"), _is_v2(attention, bias), family, sharding)
+
+
+def _runs_on_cpu(strategy: Any) -> bool:
+    """A strategy class that declares ``runs_on_cpu = True`` (the test suite's CPU DeepSpeed subclass) is exempt from
+    the CUDA rule; Lightning's own DeepSpeedStrategy and FSDPStrategy are not."""
+    path = strategy if isinstance(strategy, str) else (
+        strategy.get("class_path") if isinstance(strategy, dict) else getattr(strategy, "class_path", None))
+    if not path or "." not in str(path):
+        return False
+    import importlib
+    module, _, name = str(path).rpartition(".")
+    try:
+        return bool(getattr(getattr(importlib.import_module(module), name), "runs_on_cpu", False))
+    except (ImportError, AttributeError):
+        return False
 
 
 def _check_mesh_sizes(trainer: Dict[str, Any]) -> None:
