@@ -6,7 +6,10 @@ kill or a full disk during a save leaves the previous checkpoint (``last.ckpt`` 
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -75,3 +78,107 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return load_checkpoint_file(str(path).removeprefix("file://"),
                                     map_location=map_location if map_location is not None else "cpu")
+
+
+# -- distributed checkpoint folders (FSDP2 / DeepSpeed): checked before their libraries unpickle them ---------------
+TRUST_ENV = "SWINLAB_TRUST_CHECKPOINTS"
+#: torch files in checkpoint folders may hold tensors, plain containers and these classes (DeepSpeed's ZeRO state)
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.utils.tensor_fragment.fragment_address")
+_PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
+def checkpoints_trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _dcp_metadata_global(module: str, name: str) -> bool:
+    """What a ``torch.distributed.checkpoint`` ``.metadata`` file may name: its own dataclasses, sizes, dtypes,
+    layouts, memory formats and paths. Constructing any of them runs no code of the file's choosing."""
+    if module.startswith("torch.distributed.checkpoint."):
+        return True
+    if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                          ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}:
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if not _dcp_metadata_global(module, name):
+            raise _Unsafe(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Unsafe(Exception):
+    pass
+
+
+def _deepspeed_globals() -> list:
+    import importlib
+    found = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def _torch_load_checked(source: Any) -> None:
+    """``torch.load(weights_only=True)`` with DeepSpeed's plain classes allowed; raises _Unsafe otherwise."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            torch.load(source, map_location="cpu", weights_only=True,
+                       mmap=not isinstance(source, io.BytesIO) and zipfile.is_zipfile(source))
+    except pickle.UnpicklingError as exc:
+        raise _Unsafe(str(exc).strip().splitlines()[0][:200]) from None
+
+
+def check_checkpoint_folder(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint folder whose pickled parts hold anything but tensors, plain containers and the
+    checkpoint libraries' own metadata classes, before FSDP2's distributed checkpoint (``.metadata`` and byte items,
+    unpickled with ``pickle``/``weights_only=False`` by torch) or DeepSpeed (``torch.load(weights_only=False)``) reads
+    it. ``SWINLAB_TRUST_CHECKPOINTS=1`` skips the check for folders you trust."""
+    if checkpoints_trusted():
+        return
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            if file.name == ".metadata":
+                with open(file, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+                _check_byte_items(root, metadata)
+            elif file.suffix in _PICKLED_SUFFIXES:
+                _torch_load_checked(str(file))
+        except _Unsafe as exc:
+            raise CheckpointError(
+                f"checkpoint folder {root}: {file.relative_to(root)} holds objects other than tensors and plain "
+                f"containers ({exc}), which loading it would unpickle and run: resume only from folders you trust; "
+                f"if this one is, set {TRUST_ENV}=1") from None
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint folder {root}: cannot read {file.relative_to(root)} "
+                                  f"({type(exc).__name__}): the folder is truncated or not a checkpoint; resume from "
+                                  f"another one") from None
+
+
+def _check_byte_items(root: Path, metadata: Any) -> None:
+    """A distributed checkpoint keeps non-tensor values as ``torch.save`` blobs inside the ``.distcp`` files, which
+    torch loads with ``weights_only=False``: check each with ``weights_only=True``."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    byte_keys = {k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    for index, info in metadata.storage_data.items():
+        if index.fqn not in byte_keys:
+            continue
+        if getattr(info, "transform_descriptors", None):
+            raise _Unsafe(f"transformed byte item {index.fqn}")
+        with open(root / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = io.BytesIO(f.read(info.length))
+        _torch_load_checked(blob)
