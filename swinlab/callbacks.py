@@ -1,6 +1,7 @@
 """Training monitors and the safetensors export of the best checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -9,7 +10,6 @@ from typing import Any, Dict, List, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .errors import CheckpointError, SwinlabError
 
@@ -32,6 +32,36 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _is_zero3(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def full_params(modules: List[torch.nn.Module]):
+    """Make the parameters of ``modules`` whole for a read outside forward/backward. Collective: under FSDP2 each
+    ``FSDPModule`` among them is unsharded (all-gather) and resharded after; under DeepSpeed ZeRO-3 their parameters
+    are gathered (``GatheredParameters``). Every rank must enter it; elsewhere it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = [m for m in modules if isinstance(m, FSDPModule)]
+    ds_params = [p for m in modules for p in m.parameters() if hasattr(p, "ds_id")]
+    with contextlib.ExitStack() as stack:
+        if ds_params:
+            import deepspeed
+            stack.enter_context(deepspeed.zero.GatheredParameters(ds_params, modifier_rank=None))
+        for m in sharded:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.reshard()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (collective), a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class TrainingMonitor(Callback):
@@ -75,22 +105,29 @@ class TrainingMonitor(Callback):
             peak = float(psutil.Process(os.getpid()).memory_info().rss)
         pl_module.log("train/peak_mem_bytes", peak, on_step=True, on_epoch=False)
         self._t0, self._images = time.perf_counter(), 0
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:  # DeepSpeed keeps the gradients in its own buffers; it computed the norm to clip
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                pl_module.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
         model = _backbone(pl_module)
         if self.log_logit_scales and model is not None and hasattr(model, "layers"):
             from .models.swin import LOGIT_SCALE_MAX
-            for i, stage in enumerate(model.layers):
-                for j, blk in enumerate(stage.blocks):
-                    ls = getattr(blk.attn, "logit_scale", None)
-                    if ls is None:
-                        continue
-                    value = ls.detach().float()
-                    if hasattr(value, "full_tensor"):
-                        value = value.full_tensor()
-                    value = value.clamp(max=LOGIT_SCALE_MAX).exp().mean()
-                    pl_module.log(f"logit_scale/s{i}b{j}", value, on_step=True, on_epoch=False)
+            scales = [(f"logit_scale/s{i}b{j}", blk.attn) for i, stage in enumerate(model.layers)
+                      for j, blk in enumerate(stage.blocks) if hasattr(blk.attn, "logit_scale")]
+            params = [attn.logit_scale for _, attn in scales]
+            zero3 = [p for p in params if hasattr(p, "ds_id")]
+            ctx = contextlib.nullcontext()
+            if zero3:  # partitioned: gather these few tensors on every rank (this hook runs on all of them)
+                import deepspeed
+                ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+            with ctx:
+                for name, attn in scales:
+                    value = _whole(attn.logit_scale.detach()).float().clamp(max=LOGIT_SCALE_MAX).exp().mean()
+                    pl_module.log(name, value, on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._due(trainer):
+        if not self._due(trainer) or getattr(trainer.strategy, "deepspeed_engine", None) is not None:
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
@@ -141,7 +178,8 @@ def attention_probs(attn: torch.nn.Module, x: torch.Tensor, mask: Optional[torch
 class AttentionImages(Callback):
     """Once per validation epoch: each stage's position bias per head (first block; V1 table or V2 CPB output) as
     ``position_bias/stage<i>`` and the attention of one validation image's first window in the last shifted block
-    of stage 0 as ``attention/stage0``. Skipped for sharded (FSDP) models and loggers other than TensorBoard."""
+    of stage 0 as ``attention/stage0``. TensorBoard only. Under FSDP2 and DeepSpeed ZeRO-3 the blocks' parameters
+    are gathered on every rank (a collective, once per validation) and rank 0 writes."""
 
     def __init__(self, enabled: bool = True):
         super().__init__()
@@ -154,47 +192,71 @@ class AttentionImages(Callback):
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             self._sample = x[:1].detach()
 
-    @rank_zero_only
-    def _write(self, trainer, pl_module) -> None:
-        writer = _tensorboard(trainer)
-        model = _backbone(pl_module)
-        if writer is None or model is None or not hasattr(model, "layers") or _is_sharded(model):
-            return
-        step = trainer.global_step
-        with torch.no_grad():
-            for i, stage in enumerate(model.layers):
-                pb = stage.blocks[0].attn.position_bias()
-                if pb is not None:
-                    writer.add_image(f"position_bias/stage{i}", head_grid(pb), step)
-            if self._sample is None:
-                return
-            blk = model.layers[0].blocks[-1]
-            captured: List[Any] = []
-            handle = blk.attn.register_forward_hook(lambda m, args, out: captured.append(args))
-            try:
-                was_training = model.training
-                model.eval()
-                model(self._sample.to(pl_module.device))
-                model.train(was_training)
-            finally:
-                handle.remove()
-            if captured:
-                args = captured[0]
-                x, mask = args[0], args[1] if len(args) > 1 else None
-                writer.add_image("attention/stage0", head_grid(attention_probs(blk.attn, x, mask)), step)
-
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.enabled or trainer.sanity_checking:
+        sample, self._sample = self._sample, None
+        model = _backbone(pl_module)
+        if (not self.enabled or trainer.sanity_checking or model is None or not hasattr(model, "layers")
+                or _tensorboard_logger(trainer) is None):
             return
-        if trainer.world_size > 1 and _is_sharded(_backbone(pl_module) or torch.nn.Module()):
+        sharded = _is_sharded(model) or _is_zero3(model)
+        if not sharded and not trainer.is_global_zero:
             return
-        self._write(trainer, pl_module)
-        self._sample = None
+        if sharded:  # every rank runs the same collectives: all of them need a sample to forward
+            have = trainer.strategy.reduce_boolean_decision(sample is not None, all=True)
+            sample = sample if have else None
+        images = self.images(model, sample, pl_module.device)
+        writer = _tensorboard(trainer)
+        if trainer.is_global_zero and writer is not None:
+            for tag, img in images:
+                writer.add_image(tag, img, trainer.global_step)
+
+    @staticmethod
+    def images(model: torch.nn.Module, sample: Optional[torch.Tensor], device: torch.device) -> List[Any]:
+        """[(tag, (1, H, W) image)]: position bias per stage and, given a sample image, stage-0 attention."""
+        out: List[Any] = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i, stage in enumerate(model.layers):
+                    blk = stage.blocks[0]
+                    with full_params([blk]):
+                        pb = blk.attn.position_bias()
+                    if pb is not None:
+                        out.append((f"position_bias/stage{i}", head_grid(pb)))
+                if sample is None:
+                    return out
+                blk = model.layers[0].blocks[-1]
+                captured: List[Any] = []
+                handle = blk.attn.register_forward_hook(lambda m, args, res: captured.append(args))
+                try:
+                    # the parameters' dtype (DeepSpeed bf16/fp16 casts them; FSDP2 casts its inputs itself)
+                    model(sample.to(device=device, dtype=model.patch_embed.proj.weight.dtype))
+                finally:
+                    handle.remove()
+                if captured:
+                    x, mask = captured[0][0], captured[0][1] if len(captured[0]) > 1 else None
+                    with full_params([blk]):
+                        out.append(("attention/stage0", head_grid(attention_probs(blk.attn, x, mask))))
+        finally:
+            model.train(was_training)
+        return out
+
+
+def _tensorboard_logger(trainer: pl.Trainer):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 class ExportBest(Callback):
-    """At the end of fit, write the best checkpoint's backbone (or the last weights when there is no best) as
-    ``<log_dir>/best.safetensors``, loadable with ``create_model(name, checkpoint=...)``."""
+    """At the end of fit, write the best checkpoint's backbone (or the final weights when there is no best) as
+    ``<log_dir>/best.safetensors``, loadable with ``create_model(name, checkpoint=...)``.
+
+    A best checkpoint that is a file is read on rank 0. A sharded one (a folder: FSDP2's distributed checkpoint,
+    DeepSpeed's ZeRO folder) is read on rank 0 in full fp32: the model's tensors of a distributed checkpoint
+    (``torch.distributed.checkpoint``, nothing else), DeepSpeed's through Lightning's
+    ``convert_zero_checkpoint_to_fp32_state_dict`` (fp32 master weights). Without a best checkpoint the final
+    weights are gathered from every rank (a collective) and rank 0 writes them."""
 
     def __init__(self, filename: str = "best.safetensors", enabled: bool = True):
         super().__init__()
@@ -206,25 +268,82 @@ class ExportBest(Callback):
             return
         ckpt = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
         best = ckpt.best_model_path if ckpt is not None else ""
-        if best and os.path.isdir(best):  # sharded checkpoint directory: export with `swinlab convert` instead
-            rank_zero_warn(f"best checkpoint {best} is sharded: not exported to safetensors")
-            return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = out_dir / self.filename
-        self._export(pl_module, best)
-
-    @rank_zero_only
-    def _export(self, pl_module, best: str) -> None:
-        from .models import create_model, save_safetensors
-        if best and os.path.isfile(best):
-            model = create_model(pl_module.model_name, checkpoint=best)
+        state: Optional[Dict[str, torch.Tensor]] = None
+        if best and os.path.isdir(best):
+            trainer.strategy.barrier("export_best")
+            if trainer.is_global_zero:
+                state = _read_sharded_backbone(best)
+        elif best and os.path.isfile(best):
+            if trainer.is_global_zero:
+                from .models import read_checkpoint
+                state = read_checkpoint(best)[0]
         else:
-            model = pl_module.model
+            state = _gather_backbone(pl_module.model)
+        if trainer.is_global_zero and state is not None:
+            self._export(pl_module, state, best)
+
+    def _export(self, pl_module, state: Dict[str, torch.Tensor], best: str) -> None:
+        from .models import SwinTransformer, save_safetensors
+        with torch.device("meta"):
+            model = SwinTransformer(**pl_module.model.config)
+        model.load_state_dict(state, assign=True)  # the gathered tensors themselves: no second copy
         try:
             save_safetensors(model, self.path, pl_module.model_name)
         except CheckpointError as exc:  # save_safetensors: one line, previous file intact
             raise CheckpointError(f"{exc}; the checkpoints are intact: export later with `python -m swinlab convert "
                                   f"{best or 'last.ckpt'} --model {pl_module.model_name} --out {self.path}`") from None
+
+
+def _backbone_keys(state: Dict[str, Any], prefix: str = "model.") -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v.float() if v.is_floating_point() else v
+            for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+
+
+def _read_sharded_backbone(path: str) -> Dict[str, torch.Tensor]:
+    """The backbone's fp32 tensors from a checkpoint folder this run wrote (rank 0, no collectives)."""
+    root = Path(path)
+    if (root / "latest").is_file() or (root / "checkpoint").is_dir():  # DeepSpeed
+        import tempfile
+
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+            converted = convert_zero_checkpoint_to_fp32_state_dict(root, Path(tmp) / "fp32.ckpt")
+        return _backbone_keys(converted["state_dict"])
+    import torch.distributed.checkpoint as dcp
+    metadata = dcp.FileSystemReader(str(root)).read_metadata()
+    wanted = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("state_dict.model.") and hasattr(meta, "size"):
+            wanted[key[len("state_dict."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    state = {"state_dict": wanted}
+    dcp.load(state, checkpoint_id=str(root), no_dist=True)  # only these tensors are read
+    return _backbone_keys(state["state_dict"])
+
+
+def _gather_backbone(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """The backbone's full state on rank 0 (None elsewhere); collective when the model is sharded."""
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()} if rank0 else None
+    if _is_zero3(model):
+        state = {}
+        for name, module in model.named_modules():  # one module's parameters at a time
+            own = dict(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            with full_params([module]):
+                if rank0:
+                    for pname, p in own.items():
+                        state[f"{name}.{pname}" if name else pname] = p.detach().float().cpu().clone()
+        if rank0:
+            state.update({k: v.cpu() for k, v in model.state_dict().items() if k not in state and v.numel()})
+        return state if rank0 else None
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+            for k, v in model.state_dict().items()} if rank0 else None
 
 
 def _rng_states() -> Dict[str, Any]:

@@ -192,7 +192,7 @@ def test_failed_export_leaves_the_previous_safetensors_intact(tmp_path, monkeypa
     export = ExportBest()
     export.path = out
     with pytest.raises(CheckpointError) as err:
-        export._export(module, "")
+        export._export(module, module.model.state_dict(), "")
     assert "\n" not in str(err.value) and "No space left" in str(err.value) and "swinlab convert" in str(err.value)
     assert out.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
     assert create_model(PICO, checkpoint=str(out)) is not None
@@ -298,6 +298,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in module.model.state_dict().values())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_quickstart_v2_stays_finite_on_gpu(tmp_path, monkeypatch):
     cfg = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
