@@ -13,6 +13,10 @@ timing, and the figure is the peak allocated above what was allocated before tha
 and transient buffers, plus its weights, gradients and optimizer state). On the CPU only the process-wide peak
 RSS is available; it covers both models and is reported as such (``peak_mem_scope``).
 
+timm's attention is timm's own setting: its V1 SDPA path is off by default ("experimental") and on with
+``TIMM_FUSED_ATTN=2`` in the environment (timm reads it when imported); V2 has none. ``timm_fused_attn`` in the
+JSON says which ran. ``first_step_s`` / ``timm_first_step_s``: the first step, which includes ``torch.compile``.
+
 FLOPs are analytic (``swinlab.models.flops``: the paper's per-block formula), 2 FLOPs per multiply-add, and
 3x forward for a training step. MFU = achieved FLOP/s over the device's dense peak for the precision, known for
 H100/H200/A100/L40S/A10G by device name (``--peak-tflops`` overrides).
@@ -113,8 +117,19 @@ class Runner:
         self.fn: Callable[[torch.Tensor], torch.Tensor] = compile_model(self.model) if compile_ else self.model
         self.times: List[float] = []
         self.peak_mem: Optional[int] = None
+        self.first_step_s: Optional[float] = None  # includes torch.compile's tracing and code generation
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.first_step_s is None:
+            _sync(self.device)
+            start = time.perf_counter()
+            self._step(x, y)
+            _sync(self.device)
+            self.first_step_s = time.perf_counter() - start
+        else:
+            self._step(x, y)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.mode == "infer":
             with torch.inference_mode(), _autocast(self.device, self.precision):
                 self.fn(x)
@@ -260,11 +275,13 @@ def run_bench(model: str, *, img_size: Optional[int] = None, batch_size: int = 8
         peak_mem_scope="cuda max allocated, per model" if dev.type == "cuda" else "process peak RSS (both models)",
         gflops_per_img=round(flops_img / 1e9, 4), tflops_s=round(flops_img * img_s / 1e12, 4),
         mfu=round(flops_img * img_s / (peak * 1e12), 4) if peak else None, timm_fused_attn=timm_fused,
-        torch=torch.__version__, step_ms_all=[round(t * 1e3, 3) for t in ref.times])
+        first_step_s=round(ref.first_step_s, 3), torch=torch.__version__,
+        step_ms_all=[round(t * 1e3, 3) for t in ref.times])
     if len(runners) > 1:
         t = runners[1]
         out.update(timm_img_s=round(batch_size / t.step_s, 3), timm_step_ms=round(t.step_s * 1e3, 3),
                    ratio=round(t.step_s / ref.step_s, 4), timm_step_ms_all=[round(s * 1e3, 3) for s in t.times],
+                   timm_first_step_s=round(t.first_step_s, 3),
                    # robust to bursts of machine load: best step of each, and the median of per-step pairs
                    ratio_best=round(min(t.times) / min(ref.times), 4),
                    ratio_paired=round(statistics.median(b / a for a, b in zip(ref.times, t.times)), 4))
@@ -283,6 +300,14 @@ def _fmt(v: Any, nd: int = 1) -> str:
     return str(v)
 
 
+def run_label(row: Dict[str, Any]) -> str:
+    """The model name plus what differs from the default run: ``(compiled)``, ``(swinlab unfused)`` and
+    ``(timm SDPA)`` when timm's fused attention was on (``TIMM_FUSED_ATTN=2`` for V1)."""
+    notes = [n for n, on in (("compiled", row.get("compile")), ("swinlab unfused", row.get("attn") == "unfused"),
+                             ("timm SDPA", row.get("timm_fused_attn"))) if on]
+    return f"{row['model']} ({', '.join(notes)})" if notes else str(row["model"])
+
+
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     lines = ["| model | mode | precision | batch | swinlab img/s | timm img/s | ratio | peak mem (MiB) | "
              "timm peak mem (MiB) | mem ratio | GFLOPs/img | MFU |",
@@ -290,7 +315,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         mib = lambda b: None if b is None else b / 2 ** 20
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
-        lines.append(f"| {r['model']} | {r['mode']} | {r['precision']} | {r['batch_size']} | {_fmt(r['img_s'])} | "
+        lines.append(f"| {run_label(r)} | {r['mode']} | {r['precision']} | {r['batch_size']} | {_fmt(r['img_s'])} | "
                      f"{_fmt(r['timm_img_s'])} | {_fmt(r['ratio'], 3)} | {_fmt(mib(r['peak_mem_bytes']), 0)} | "
                      f"{_fmt(mib(r['timm_peak_mem_bytes']), 0)} | {_fmt(r['mem_ratio'], 3)} | "
                      f"{_fmt(r['gflops_per_img'], 2)} | {_fmt(mfu, 1)}{'%' if mfu is not None else ''} |")
@@ -340,7 +365,7 @@ def main(argv: List[str]) -> int:
             else:
                 ratio = f", timm {row['timm_img_s']:.2f} img/s, ratio {row['ratio']:.3f}" if row["ratio"] else ""
                 mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
-                print(f"{row['model']} {mode} {row['precision']} b{row['batch_size']} on {row['device']}: "
+                print(f"{run_label(row)} {mode} {row['precision']} b{row['batch_size']} on {row['device']}: "
                       f"{row['img_s']:.2f} img/s ({row['step_ms']:.1f} ms/step){ratio}; peak mem "
                       f"{row['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({row['peak_mem_scope']}); "
                       f"{row['gflops_per_img']:.2f} GFLOPs/img{mfu}", flush=True)

@@ -35,3 +35,15 @@ def python_exe() -> str:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: without one they are skipped, with the reason (``pytest -m gpu``
+    on a CUDA machine runs them; docs/benchmarks.md)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: no CUDA device visible (run `pytest -m gpu` on a GPU machine, "
+                                   "docs/benchmarks.md)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

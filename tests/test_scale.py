@@ -251,7 +251,6 @@ def test_estimator_reports_the_configured_strategy(monkeypatch):
     assert names["fsdp1"] == "FSDPStrategy"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("strategy", ["zero2", "zero3_offload", "fsdp1"])
 def test_gpu_only_strategies_are_refused_by_the_cli_before_anything_is_built(strategy):
     args = ["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"),
