@@ -136,6 +136,12 @@ def _trainer(trainer_args: Dict[str, Any], logger) -> Any:
     args = dict(accelerator="cpu", devices=1, precision="32-true", enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=5.0, log_every_n_steps=10)
     args.update(trainer_args or {})
+    devices, nodes = args.get("devices", 1), args.get("num_nodes", 1)
+    if devices not in (1, "1", [0]) or nodes not in (1, "1") or args.get("strategy") not in (None, "auto"):
+        raise ConfigError(f"ablate trains every variant inside this one process, so a study's trainer takes no "
+                          f"strategy, devices or num_nodes (got strategy={args.get('strategy')!r}, "
+                          f"devices={devices!r}, num_nodes={nodes!r}): remove them and run several studies or seeds "
+                          f"side by side instead")
     return pl.Trainer(logger=logger, **args)
 
 

@@ -75,8 +75,11 @@ def strategy_name(strategy: Any) -> str:
     return "auto"
 
 
-def model_state_bytes(params: int, world: int, precision: str) -> Dict[str, Dict[str, float]]:
-    """Per-GPU bytes of weights / gradients / optimizer state (fp32 master included) for each strategy."""
+def model_state_bytes(params: int, world: int, precision: str,
+                      per_node: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Per-GPU bytes of weights / gradients / optimizer state (fp32 master included) for each strategy. With
+    ``per_node`` GPUs per node on several nodes, FSDP2's default HSDP (sharded within a node, replicated across
+    nodes) gets its own row."""
     mixed = str(precision) in MIXED
     w, g, o = (2, 2, 12) if mixed else (4, 4, 8)
     n = max(world, 1)
@@ -88,6 +91,8 @@ def model_state_bytes(params: int, world: int, precision: str) -> Dict[str, Dict
         "zero2 + optimizer offload": (w, g / n, 0.0),
         "zero3 / fsdp + cpu offload": (0.0, 0.0, 0.0),
     }
+    if per_node and 1 <= per_node < n:
+        rows["fsdp2 hsdp (sharded within a node)"] = (w / per_node, g / per_node, o / per_node)
     return {k: dict(weights=params * a, grads=params * b, optimizer=params * c, total=params * (a + b + c))
             for k, (a, b, c) in rows.items()}
 
@@ -151,10 +156,11 @@ def estimate(config: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(devices, list):
         devices = len(devices)
     devices = devices if isinstance(devices, int) and devices > 0 else 1
-    world = devices * int(trainer.get("num_nodes", 1) or 1)
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    world = devices * nodes
     batch = int(data_args.get("batch_size", 1) or 1)
     acts = activation_bytes(model, model.img_size, dtype)
-    states = model_state_bytes(params, world, precision)
+    states = model_state_bytes(params, world, precision, per_node=devices if nodes > 1 else None)
     return dict(model=name, params=params, img_size=list(model.img_size), precision=precision, world_size=world,
                 batch_size_per_gpu=batch, strategy=strategy_name(trainer.get("strategy", "auto"))
                 + (" + cpu offload" if (model_args.get("sharding") or {}).get("cpu_offload") else ""),

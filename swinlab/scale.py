@@ -17,10 +17,6 @@ import torch
 
 from .errors import ConfigError
 
-#: strategy names (Lightning's registry strings) and class names per family
-_DEEPSPEED_NAMES = ("deepspeed",)
-_FSDP1_NAMES = ("fsdp",)
-
 
 def strategy_family(strategy: Any) -> str:
     """'deepspeed', 'fsdp' (Lightning's FSDPStrategy, FSDP1), 'fsdp2' (ModelParallelStrategy), 'ddp' or 'auto'."""
@@ -44,14 +40,6 @@ def strategy_family(strategy: Any) -> str:
     return "auto" if name in ("auto", "") else name
 
 
-def _get(section: Any, key: str, default: Any = None) -> Any:
-    if section is None:
-        return default
-    if isinstance(section, dict):
-        return section.get(key, default)
-    return getattr(section, key, default)
-
-
 def _as_dict(config: Any) -> Dict[str, Any]:
     if hasattr(config, "as_dict"):
         return config.as_dict()
@@ -68,18 +56,21 @@ def _precision_rules(precision: str, v2: bool, family: str, sharding: Optional[D
     if v2 and precision in ("16-true", "16", "fp16-true"):
         raise ConfigError(f"precision {precision} on a SwinV2 model trains without a gradient scaler (fp16 logit "
                           f"scale and CPB gradients underflow): use bf16-mixed, bf16-true or 16-mixed (GradScaler)")
+    if family == "fsdp2" and precision in ("16-mixed", "16"):
+        raise ConfigError(f"precision {precision} cannot run under ModelParallelStrategy (FSDP2): Lightning has no "
+                          f"gradient scaler for it: use bf16-mixed (or 32-true)")
     if sharding:
         low = str(sharding.get("param_dtype") or "float32")
         if low in ("bfloat16", "bf16", "float16", "fp16") and "mixed" not in precision:
             raise ConfigError(f"sharding.param_dtype {low} needs autocast but trainer.precision is {precision}: use "
-                              f"precision bf16-mixed (16-mixed for float16), or sharding.param_dtype null for fp32")
+                              f"precision bf16-mixed (param_dtype bfloat16), or sharding.param_dtype null for fp32")
         if family != "fsdp2":
             raise ConfigError(f"model.init_args.sharding is set but trainer.strategy is {family}: sharding options "
                               f"apply to ModelParallelStrategy (FSDP2) only: remove sharding or compose "
                               f"experiments/strategy/fsdp2.yaml")
         if v2 and str(sharding.get("param_dtype")) in ("float16", "fp16") and precision != "16-mixed":
-            raise ConfigError(f"sharding.param_dtype float16 on a SwinV2 model needs a gradient scaler but precision "
-                              f"is {precision}: use param_dtype bfloat16, or precision 16-mixed")
+            raise ConfigError(f"sharding.param_dtype float16 on a SwinV2 model needs a gradient scaler, which FSDP2 "
+                              f"runs do not have (precision {precision}): use param_dtype bfloat16")
 
 
 def check_config(config: Any) -> None:

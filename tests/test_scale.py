@@ -127,9 +127,10 @@ def _cfg(strategy=None, accelerator="cpu", precision="32-true", model=PICO, shar
     (_cfg(MP, sharding={"param_dtype": "bfloat16"}),
      ["param_dtype bfloat16 needs autocast", "bf16-mixed"]),
     (_cfg(MP, sharding={"param_dtype": "float16"}),
-     ["param_dtype float16", "16-mixed"]),
+     ["param_dtype float16", "bf16-mixed"]),
     (_cfg(MP, precision="bf16-mixed",
-          sharding={"param_dtype": "float16"}), ["param_dtype float16", "16-mixed"]),
+          sharding={"param_dtype": "float16"}), ["param_dtype float16", "bfloat16"]),
+    (_cfg(MP, precision="16-mixed"), ["16-mixed", "ModelParallelStrategy", "bf16-mixed"]),
 ])
 def test_check_config_refuses(cfg, words):
     with pytest.raises(ConfigError) as err:
@@ -247,7 +248,7 @@ def test_estimator_reports_the_configured_strategy(monkeypatch):
     assert names["zero3_offload"] == "deepspeed_stage_3_offload"
     assert names["zero2_offload"] == "deepspeed_stage_2_offload"
     assert names["fsdp2"] == "ModelParallelStrategy"
-    assert names["fsdp2_offload"] == "ModelParallelStrategy + cpu offload"
+    assert names["fsdp2_offload"] == "OffloadModelParallelStrategy + cpu offload"  # swinlab.tasks.sharding
     assert names["fsdp1"] == "FSDPStrategy"
 
 

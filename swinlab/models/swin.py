@@ -334,10 +334,20 @@ class WindowAttention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
         q, k, v = qkv.view(B, nW, N, 3, nH, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, nH, N, hd
         if self.attention == "cosine":
+            # Mixed precision, where each V2 piece runs (as in the reference implementations under AMP):
+            # - logit scale: clamp and exp in fp32 (autocast off), whatever the parameters' dtype;
+            # - cosine normalisation: in fp32, then back to the compute dtype. Under autocast the references get this
+            #   from torch (the norm is an fp32 autocast op); with half weights and no autocast (DeepSpeed bf16/fp16)
+            #   a half-precision norm would lose the eps (1e-12 underflows in fp16: padded tokens gave NaN);
+            # - CPB MLP: fp32 in position_bias(); the q.k^T and attn.v matmuls run in the compute dtype.
             with _autocast_off(x.device):
                 logit_scale = torch.clamp(self.logit_scale.float(), max=LOGIT_SCALE_MAX).exp()
-            q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)
-            k = F.normalize(k, dim=-1)
+                if q.dtype in (torch.float16, torch.bfloat16):
+                    q = (F.normalize(q.float(), dim=-1) * logit_scale).to(q.dtype)
+                    k = F.normalize(k.float(), dim=-1).to(k.dtype)
+                else:
+                    q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)
+                    k = F.normalize(k, dim=-1)
             scale = 1.0
         else:
             scale = hd ** -0.5
@@ -771,8 +781,18 @@ class SwinTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images -> logits. With ``token_mask`` (B, H/patch, W/patch) bool and ``mask_token`` (C,): masked image
+        modelling (SimMIM): the patch tokens where the mask is True are replaced by ``mask_token`` and the final
+        normalised feature map (B, H/32, W/32, C_last) is returned. Both go through the module's own call, so a
+        sharded (FSDP2) model gathers its root parameters as for a plain forward."""
+        if token_mask is None:
+            return self.forward_head(self.forward_features(x))
+        z = self.patch_embed(x)
+        w = token_mask.unsqueeze(-1).to(z.dtype)
+        z = z * (1.0 - w) + mask_token.to(z.dtype) * w
+        return self.norm(self.layers(z))
 
     def forward_pyramid(self, x: torch.Tensor, norm_last: bool = False) -> List[torch.Tensor]:
         """Multi-scale features for detection/segmentation: one NCHW map per stage, strides

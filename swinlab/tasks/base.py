@@ -3,6 +3,7 @@ under the strategy, and the checkpoint metadata."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -17,6 +18,10 @@ from .sharding import (
     materialize_zero3,
     shard_swin,
 )
+
+# Lightning's DeepSpeedStrategy warns whenever a module overrides configure_gradient_clipping; SwinTask does only for
+# FSDP1 and leaves DeepSpeed's own clipping (from trainer.gradient_clip_val) in charge, so the warning is noise.
+warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
 
 
 @contextlib.contextmanager
@@ -108,6 +113,40 @@ class SwinTask:
             raise ConfigError("ema_decay is set with empty_init: the EMA copy is made in __init__, from a model that "
                               "is still on the meta device (and would be a full unsharded copy on every rank): set "
                               "model.init_args.ema_decay: null, or empty_init: false")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, with two exceptions Lightning's precision plugins refuse:
+
+        - FSDPStrategy (FSDP1): its plugin has no handle on the root module; the root
+          ``FullyShardedDataParallel.clip_grad_norm_`` clips by the norm over all shards;
+        - fused AdamW under ``*-mixed`` without a GradScaler (bf16-mixed): Lightning's AMP plugin refuses every
+          optimizer that could unscale gradients itself, though nothing is scaled here; the gradients are the true
+          ones, so they are clipped as Lightning's base plugin does (``clip_grad_norm_`` / ``clip_grad_value_`` over
+          the optimizer's parameters; DTensor-aware under FSDP2).
+        DeepSpeed clips inside its engine (from trainer.gradient_clip_val)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+        strategy = self.trainer.strategy
+        if not gradient_clip_val or isinstance(strategy, DeepSpeedStrategy):
+            return self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                       gradient_clip_algorithm=gradient_clip_algorithm)
+        by_value = str(gradient_clip_algorithm or "norm") == "value"
+        if isinstance(strategy, FSDPStrategy):
+            if by_value:
+                raise ConfigError("gradient_clip_algorithm=value is not supported under FSDPStrategy (FSDP1): use "
+                                  "trainer.gradient_clip_algorithm: norm")
+            strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return None
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if getattr(inner, "defaults", {}).get("fused") and getattr(self.trainer.precision_plugin, "scaler",
+                                                                   None) is None:
+            params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+            if by_value:
+                torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+            else:
+                torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+            return None
+        return self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                   gradient_clip_algorithm=gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Lets ``create_model(name, checkpoint=...)`` rebuild the saved geometry from a Lightning checkpoint."""

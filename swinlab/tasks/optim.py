@@ -155,6 +155,16 @@ def steps_per_epoch(trainer: Any) -> int:
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
+def use_fused_adamw(trainer: Any, groups: List[Dict[str, Any]]) -> bool:
+    """torch's fused AdamW kernel (one launch for all parameters, and a ``found_inf`` input that lets the non-finite
+    guard skip a step on the device without a host sync) wherever it applies: floating parameters on CPU or CUDA,
+    and no fp16 GradScaler (Lightning cannot clip gradients of an optimizer that unscales them itself)."""
+    if str(getattr(trainer, "precision", "")) in ("16-mixed", "16"):
+        return False
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def recipe_optimizer(trainer: Any, groups: List[Dict[str, Any]], *, base_lr: float, warmup_lr: float, min_lr: float,
                      scale_lr: bool, betas: Sequence[float], eps: float, weight_decay: float, warmup_epochs: float,
                      warmup_steps: Optional[int]) -> Dict[str, Any]:
@@ -171,7 +181,8 @@ def recipe_optimizer(trainer: Any, groups: List[Dict[str, Any]], *, base_lr: flo
                           stacklevel=2)
         else:
             lrs = {k: scaled_lr(v, gb) for k, v in lrs.items()}
-    optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                  fused=use_fused_adamw(trainer, groups))
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total) or int(total) <= 0:
         raise ConfigError("the training length is unbounded: set trainer.max_epochs or trainer.max_steps")

@@ -8,6 +8,7 @@ import logging
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from ..errors import ConfigError
 
@@ -95,11 +96,45 @@ def shard_swin(model: torch.nn.Module, device_mesh, sharding: Optional[Dict[str,
         reduce_dtype = _dtype(opts.get("reduce_dtype", "float32"), "reduce_dtype")
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if opts.get("cpu_offload"):
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory needs a CUDA driver; a CPU-only run keeps the same code path unpinned
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for blk in model.blocks():
         fully_shard(blk, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+class OffloadModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy for FSDP2 with CPU offload (experiments/strategy/fsdp2_offload.yaml).
+
+    Lightning moves the whole module to the GPU after ``configure_model`` (``model_to_device``); with
+    ``CPUOffloadPolicy`` FSDP2 keeps the sharded parameters on the CPU and refuses them anywhere else, so this
+    strategy moves everything except those offloaded shards. Use it with ``process_group_backend:
+    "cuda:nccl,cpu:gloo"`` so collectives on the offloaded (CPU) gradients, such as the norm for clipping, have a
+    backend (on a machine without CUDA only the CPU part is kept). Without offload it behaves exactly as
+    Lightning's."""
+
+    def __init__(self, *args: Any, process_group_backend: Optional[str] = None, **kwargs: Any):
+        if process_group_backend and ":" in process_group_backend and not torch.cuda.is_available():
+            parts = dict(p.split(":", 1) for p in process_group_backend.split(",") if ":" in p)
+            process_group_backend = parts.get("cpu", "gloo")
+        super().__init__(*args, process_group_backend=process_group_backend, **kwargs)
+
+    def model_to_device(self) -> None:
+        from torch.distributed.tensor import DTensor
+        device = self.root_device
+        offloaded = device.type != "cpu" and any(isinstance(p, DTensor) and p.device.type == "cpu"
+                                                 for p in self.model.parameters())
+        if not offloaded:
+            return super().model_to_device()
+        with torch.no_grad():
+            for module in self.model.modules():
+                for _name, p in module.named_parameters(recurse=False):
+                    if not isinstance(p, DTensor):
+                        p.data = p.data.to(device)
+                for name, b in module.named_buffers(recurse=False):
+                    if b is not None and not isinstance(b, DTensor):
+                        module._buffers[name] = b.to(device)
 
 
 # -- materialising an empty (meta-device) model ----------------------------------------------------------------------

@@ -116,12 +116,18 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images and token mask -> (B, C_last, H/stride, W/stride) features."""
-        enc = self.encoder
-        z = enc.patch_embed(x)
-        w = mask.unsqueeze(-1).to(z.dtype)
-        z = z * (1.0 - w) + self.mask_token.to(z.dtype) * w
-        z = enc.norm(enc.layers(z))
-        return z.permute(0, 3, 1, 2)
+        return self.encoder(x, token_mask=mask, mask_token=self.mask_token).permute(0, 3, 1, 2)
+
+    def on_after_backward(self) -> None:
+        """Under FSDP2 only the encoder is sharded (and its gradients reduced); the mask token and the decoder are
+        replicated on every rank, so their gradients are averaged here (DDP does it for the whole module)."""
+        if self.device_mesh is None or not torch.distributed.is_initialized():
+            return
+        world = torch.distributed.get_world_size()
+        for p in [self.mask_token, *self.decoder.parameters()]:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad.div_(world)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss, reconstruction)."""

@@ -1,0 +1,76 @@
+"""Test-only classes that runs started through ``python -m swinlab fit`` load by class path (tests/ is put on
+PYTHONPATH by the launcher tests): a DeepSpeed strategy that runs on CPU, and a probe that records what each rank did.
+
+Product code never imports this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy minus its two CUDA-only checks (accelerator type, device index), over gloo.
+
+    ``runs_on_cpu`` lets swinlab's pre-flight check through (Lightning's own class is refused on CPU). DeepSpeed's
+    shared-memory all-reduce op (inference only) is marked unavailable, so ``init_distributed`` does not spend ~40 s
+    compiling it on every fresh machine.
+    """
+
+    runs_on_cpu = True
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("process_group_backend", "gloo")
+        super().__init__(*args, **kwargs)
+
+    def setup_environment(self):
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    @property
+    def root_device(self):  # DeepSpeed wants a device index; its CPU accelerator ignores it
+        return torch.device("cpu", 0)
+
+    def setup_distributed(self):
+        from lightning.fabric.utilities.seed import reset_seed
+        reset_seed()
+        self.set_world_ranks()
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+        self._init_deepspeed_distributed()
+
+
+class Probe(pl.Callback):
+    """Writes ``<out>/probe_<tag>_rank<r>.json``: for each training batch the global step, the loss and a fingerprint
+    of the images, plus the world size and the strategy class; ``<out>`` is ``$SWINLAB_PROBE_DIR``."""
+
+    def __init__(self, tag: str = "run"):
+        super().__init__()
+        self.tag = tag
+        self.steps: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        digest = hashlib.sha1(x.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.append({"step": int(trainer.global_step), "loss": float(loss.detach().float()),
+                           "images": digest})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        out = Path(os.environ.get("SWINLAB_PROBE_DIR", "."))
+        weight = pl_module.model.patch_embed.proj.weight
+        mesh = getattr(weight, "device_mesh", None)  # FSDP2: the mesh its parameters are sharded/replicated over
+        record = {"world_size": trainer.world_size, "rank": trainer.global_rank,
+                  "mesh": list(mesh.shape) if mesh is not None else None,
+                  "mesh_dims": list(mesh.mesh_dim_names or ()) if mesh is not None else None,
+                  "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision),
+                  "global_step": int(trainer.global_step), "steps": self.steps}
+        (out / f"probe_{self.tag}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
