@@ -28,6 +28,12 @@ TINY = {
 }
 
 
+def _checkout_env():
+    """The subprocess runs the checkout's swinlab (PYTHONPATH=repo root), not whatever swinlab is installed."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join([str(ROOT)] + extra))
+
+
 def write_study(tmp_path, study):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -37,7 +43,7 @@ def write_study(tmp_path, study):
 def test_tiny_study_end_to_end_through_the_cli(tmp_path):
     path = write_study(tmp_path, TINY)
     out = tmp_path / "out"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = _checkout_env()
     res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(path), "--out", str(out)],
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -80,7 +86,7 @@ def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path):
     bad = dict(TINY, eval=[{"img_size": 32, "window_size": 5}])
     with pytest.raises(ConfigError, match="window 5x5 cannot tile the 16x16 token grid"):
         check_study(bad)
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = _checkout_env()
     res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(write_study(tmp_path, bad)),
                           "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, env=env,
                          timeout=120)
@@ -95,6 +101,14 @@ def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path):
 def test_shipped_studies_are_valid():
     for name in ("pos_bias_transfer", "norm_attn", "pos_bias_transfer_imagenet", "norm_attn_imagenet"):
         study = load_study(str(ROOT / "experiments" / "ablations" / f"{name}.yaml"))
-        assert len(study["variants"]) == 3
+        check_study(study)  # every evaluation window tiles its token grid
+        if name.startswith("pos_bias"):  # the paper's Table 1 rows: parameterised table, linear and log CPB
+            assert sorted(v["position_bias"] for v in study["variants"].values()) == ["cpb_linear", "cpb_log",
+                                                                                      "table"]
+        else:  # Table 6: pre-norm/dot, +res-post-norm, +res-post-norm+scaled cosine attention
+            assert sorted((v["norm_placement"], v["attention"]) for v in study["variants"].values()) == [
+                ("pre", "dot"), ("res_post", "cosine"), ("res_post", "dot")]
         if not name.endswith("imagenet"):
             assert len(study["seeds"]) >= 3
+        else:  # the paper's transfer sizes (window = size / 32)
+            assert all(e["window_size"] * 32 == e["img_size"] for e in study["eval"])

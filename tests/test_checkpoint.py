@@ -131,6 +131,10 @@ def test_wrong_variant_checkpoint_names_keys_and_the_variant_that_fits(tmp_path)
     assert "\n" not in msg
     assert "unexpected layers.2.blocks.6" in msg
     assert "swin_small_patch4_window7_224" in msg
+    torch.save(create_model("swin_pico_patch2_window4_32").state_dict(), tmp_path / "v1.pth")  # V1 into a V2 model
+    with pytest.raises(CheckpointError) as e:
+        create_model("swinv2_pico_patch2_window4_32", checkpoint=str(tmp_path / "v1.pth"))
+    assert "\n" not in str(e.value) and "does not fit" in str(e.value) and "swin_pico_patch2_window4_32" in str(e.value)
 
 
 class Payload:

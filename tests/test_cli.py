@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from swinlab.cli import main
-from swinlab.errors import ConfigError
+from swinlab.models import list_models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -65,7 +65,7 @@ def test_every_experiment_prints_its_config(config, capsys):
     assert done.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"].startswith("swinlab.tasks.")
-    assert cfg["model"]["init_args"]["model_name"]
+    assert cfg["model"]["init_args"]["model_name"] in list_models(include_aliases=True)
     assert cfg["data"]["class_path"].startswith("swinlab.data.")
     assert cfg["checkpoint"]["save_last"] is True and cfg["trainer"]["gradient_clip_val"] == 5.0
     if cfg["model"]["class_path"] == "swinlab.tasks.ImageClassifier":
@@ -90,27 +90,6 @@ def test_configs_compose(tmp_path, capsys):
     assert cfg["trainer"]["max_epochs"] == 3 and cfg["data"]["init_args"]["batch_size"] == 32
     assert cfg["data"]["init_args"]["img_size"] == 32  # the rest of the first config survives
     assert cfg["model"]["init_args"]["model_name"] == PICO
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--model.init_args.foo", "1"], ["foo", "not accepted"]),
-    (["--data.init_args.batch_size", "abc"], ["batch_size", "abc"]),
-    (["--trainer.max_epochz", "3"], ["max_epochz"]),
-    (["--model.init_args.model_name", "swinv9"], ["unknown model 'swinv9'"]),
-    (["--model.init_args.num_classes", "7"], ["10 classes", "num_classes: 10"]),
-    (["--data.init_args.img_size", "32"], ["img_size", "32x32", "16x16"]),
-    (["--data", "swinlab.data.ImageFolderDataModule", "--data.init_args.data_dir", "missing_dir"],
-     ["missing_dir", "does not exist"]),
-    (["--ckpt_path", "last"], ["no last.ckpt", "runs/tiny"]),
-])
-def test_bad_config_is_one_line(tmp_path, monkeypatch, args, words):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError) as err:
-        main(["fit", "--config", str(cfg), *args])
-    msg = str(err.value)
-    assert "\n" not in msg and all(w in msg for w in words), msg
 
 
 def test_python_m_swinlab_reports_error_and_exit_code(tmp_path):

@@ -106,3 +106,89 @@ def test_corrupt_image_skipped_or_fatal(tmp_path):
     strict.setup("fit")
     with pytest.raises(ConfigError, match="cannot read image .*0.png"):
         strict.train_set[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resumable training order, checked against DistributedSampler's rule written out here
+# ---------------------------------------------------------------------------------------------------------------
+
+def _expected_shard(n, replicas, rank, seed, epoch):
+    """randperm seeded by seed + epoch, padded by wrapping to a multiple of the replicas, every replicas-th index."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    total = -(-n // replicas) * replicas
+    perm = (perm + perm[: total - n])
+    return perm[rank::replicas]
+
+
+def _loader(n=23, replicas=2, rank=0, seed=5, batch_size=3):
+    from swinlab.data.common import ResumableLoader, ResumableSampler
+    data = list(range(n))
+    sampler = ResumableSampler(data, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    return ResumableLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True,
+                           collate_fn=lambda b: [int(i) for i in b])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resumed_loader_serves_the_rest_of_this_ranks_epoch(rank):
+    from swinlab.data.common import sample_seed
+    epoch, seed = 3, 5
+    shard = _expected_shard(23, 2, rank, seed, epoch)  # 12 indices -> 4 full batches of 3
+    expected = [shard[i:i + 3] for i in range(0, 12, 3)]
+    first = _loader(rank=rank)
+    first.sampler.set_epoch(epoch)
+    assert len(first) == 4
+    it = iter(first)
+    assert [next(it), next(it)] == expected[:2]
+    state = first.state_dict()
+    assert state == {"epoch": epoch, "batches_served": 2, "batch_size": 3, "seed": seed, "num_samples": 12}
+    resumed = _loader(rank=rank)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(epoch)  # Lightning sets the epoch again on resume
+    assert list(resumed) == expected[2:]
+    assert resumed.state_dict()["batches_served"] == 4
+    # the augmentation seeds go with the sample, not with its position in the epoch
+    idx = list(resumed.sampler)
+    assert [int(i) for i in idx] == shard[6:]
+    assert [i.aug_seed for i in idx] == [sample_seed(seed, epoch, int(i)) for i in idx]
+    # the next epoch starts from its beginning
+    resumed.sampler.set_epoch(epoch + 1)
+    assert [int(i) for i in resumed.sampler] == _expected_shard(23, 2, rank, seed, epoch + 1)
+
+
+def test_resume_after_a_complete_epoch_starts_the_next_one_and_changed_data_starts_over():
+    first = _loader(replicas=1, n=10, batch_size=4)
+    first.sampler.set_epoch(0)
+    assert len(list(first)) == 2
+    state = first.state_dict()
+    assert state["batches_served"] == 2 and state["epoch"] == 0
+    resumed = _loader(replicas=1, n=10, batch_size=4)
+    resumed.load_state_dict(state)
+    assert resumed.sampler.epoch == 1 and resumed.sampler.skipped() == 0
+    changed = _loader(replicas=1, n=10, batch_size=2)  # another batch size: positions no longer line up
+    with pytest.warns(UserWarning, match="training data changed"):
+        changed.load_state_dict({**state, "batches_served": 1})
+    changed.sampler.set_epoch(0)
+    assert [int(i) for i in changed.sampler] == _expected_shard(10, 1, 0, 5, 0)
+
+
+def test_skip_applies_only_to_the_resumed_epoch():
+    loader = _loader(replicas=1, n=12, batch_size=3)
+    loader.load_state_dict({"epoch": 2, "batches_served": 1, "batch_size": 3, "seed": 5, "num_samples": 12})
+    assert loader.sampler.epoch == 2 and loader.sampler.skipped() == 3
+    loader.sampler.set_epoch(3)
+    assert loader.sampler.skipped() == 0 and len(list(loader.sampler)) == 12
+
+
+def test_sample_seed_is_splitmix64_written_out():
+    from swinlab.data.common import sample_seed
+    mask = (1 << 64) - 1
+
+    def by_hand(seed, epoch, index):
+        z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+    for args in [(0, 0, 0), (1, 2, 3), (7, 0, 1796), (2**40, 5, 9)]:
+        assert sample_seed(*args) == by_hand(*args)
+    assert len({sample_seed(0, e, i) for e in range(3) for i in range(50)}) == 150

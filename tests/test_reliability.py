@@ -195,7 +195,9 @@ def test_failed_export_leaves_the_previous_safetensors_intact(tmp_path, monkeypa
         export._export(module, module.model.state_dict(), "")
     assert "\n" not in str(err.value) and "No space left" in str(err.value) and "swinlab convert" in str(err.value)
     assert out.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
-    assert create_model(PICO, checkpoint=str(out)) is not None
+    reloaded = create_model(PICO, checkpoint=str(out), img_size=16).state_dict()
+    assert reloaded.keys() == module.model.state_dict().keys()
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in reloaded.items())
 
 
 # -- safe loading ----------------------------------------------------------------------------------------------------

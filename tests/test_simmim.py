@@ -64,7 +64,11 @@ def _cli(args, cwd):
     import os
     import subprocess
     import sys
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+
+    from conftest import ROOT
+    # the checkout's swinlab, not an installed copy: the run happens in cwd (a tmp folder)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     return subprocess.run([sys.executable, "-m", "swinlab", *args], cwd=cwd, capture_output=True, text=True, env=env,
                           timeout=600)
 

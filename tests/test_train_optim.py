@@ -35,8 +35,7 @@ def test_every_v2_parameter_lands_in_the_right_decay_group():
     assert seen["cpb_mlp_w"] == 2 * n_blocks and seen["qkv_w"] == n_blocks and seen["q_bias"] == n_blocks
     assert where["head.fc.weight"]["weight_decay"] == 0.05
     assert where["patch_embed.proj.weight"]["weight_decay"] == 0.05
-    # timm's train script compares whole names against no_weight_decay() fragments: cpb_mlp weights would decay
-    assert not any(n in model.no_weight_decay_keywords() for n in names)
+    assert model.no_weight_decay_keywords() == {"relative_position_bias_table", "cpb_mlp", "logit_scale"}
     assert is_no_decay("layers.0.blocks.0.attn.cpb_mlp.0.weight", torch.zeros(4, 2))
 
 
@@ -92,3 +91,123 @@ def test_schedule_shape_warmup_then_cosine():
     assert lrs[t] == pytest.approx(expect, rel=1e-9)
     assert lrs[-1] == pytest.approx(min_lr)
     assert scaled[t] == pytest.approx(0.1 * lrs[t])  # layer-decay scale applied on top
+
+
+def _fake_trainer(batch_size=8, accumulate=4, world_size=2, batches=40, total=100, precision="32-true"):
+    """The trainer attributes recipe_optimizer reads (Lightning's names), nothing else."""
+    from types import SimpleNamespace
+    return SimpleNamespace(datamodule=SimpleNamespace(batch_size=batch_size), accumulate_grad_batches=accumulate,
+                           world_size=world_size, num_training_batches=batches, estimated_stepping_batches=total,
+                           precision=precision)
+
+
+def _recipe(trainer, **kw):
+    from swinlab.tasks.optim import recipe_optimizer
+    p = torch.nn.Parameter(torch.zeros(3, 3))
+    args = dict(base_lr=5e-4, warmup_lr=5e-7, min_lr=5e-6, scale_lr=True, betas=(0.9, 0.999), eps=1e-8,
+                weight_decay=0.05, warmup_epochs=0.0, warmup_steps=None)
+    args.update(kw)
+    return recipe_optimizer(trainer, [{"params": [p], "weight_decay": 0.05}], **args)
+
+
+def test_lr_scaling_counts_batch_accumulation_and_processes():
+    # 8 per process x 4 accumulated x 2 processes = 64 images per update -> every LR x 64 / 512 = x 0.125
+    conf = _recipe(_fake_trainer(), warmup_steps=10)
+    assert conf["lrs"] == pytest.approx({"lr": 5e-4 / 8, "warmup_lr": 5e-7 / 8, "min_lr": 5e-6 / 8}, rel=1e-12)
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-7 / 8)  # the schedule starts at the scaled warmup LR
+    sched.step_update(num_updates=10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 / 8)
+    sched.step_update(num_updates=100)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-6 / 8)
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    # accumulation alone matters: 16 x 3 x 1 = 48
+    conf = _recipe(_fake_trainer(batch_size=16, accumulate=3, world_size=1), warmup_steps=0)
+    assert conf["lrs"]["lr"] == pytest.approx(5e-4 * 48 / 512, rel=1e-12)
+    # scale_lr=False: LRs as given
+    conf = _recipe(_fake_trainer(), scale_lr=False)
+    assert conf["lrs"] == {"lr": 5e-4, "warmup_lr": 5e-7, "min_lr": 5e-6}
+
+
+def test_lr_not_scaled_without_a_batch_size_and_unbounded_runs_refused():
+    from types import SimpleNamespace
+
+    from swinlab.errors import ConfigError
+    trainer = _fake_trainer()
+    trainer.datamodule = SimpleNamespace()
+    with pytest.warns(UserWarning, match="LR not scaled"):
+        conf = _recipe(trainer)
+    assert conf["lrs"]["lr"] == 5e-4
+    with pytest.raises(ConfigError, match="unbounded"):
+        _recipe(_fake_trainer(total=float("inf")))
+    with pytest.raises(ConfigError, match="unbounded"):
+        _recipe(_fake_trainer(total=0))
+
+
+def test_warmup_epochs_count_optimizer_steps_not_batches():
+    # 40 batches per epoch, 4 accumulated -> 10 updates per epoch; 1.5 warmup epochs = 15 updates
+    conf = _recipe(_fake_trainer(batches=40, accumulate=4, total=100), warmup_epochs=1.5, scale_lr=False)
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    lrs = []
+    for t in range(17):
+        sched.step_update(num_updates=t)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[15] == pytest.approx(5e-4) and lrs[14] < 5e-4 and lrs[16] < 5e-4
+    assert lrs[7] == pytest.approx(5e-7 + (5e-4 - 5e-7) * 7 / 15)
+    # 41 batches: the partial accumulation at the end still steps (ceil)
+    conf = _recipe(_fake_trainer(batches=41, accumulate=4, total=110), warmup_epochs=1.0, scale_lr=False)
+    conf["lr_scheduler"]["scheduler"].step_update(num_updates=11)
+    assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_fused_adamw_except_with_fp16_grad_scaler():
+    assert _recipe(_fake_trainer())["optimizer"].defaults["fused"] is True
+    assert _recipe(_fake_trainer(precision="bf16-mixed"))["optimizer"].defaults["fused"] is True
+    assert not _recipe(_fake_trainer(precision="16-mixed"))["optimizer"].defaults["fused"]
+
+
+def test_warmup_longer_than_the_run_is_clamped_and_cosine_reaches_min_lr():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_cosine_scheduler(opt, total_steps=5, warmup_steps=50, warmup_lr=0.0, min_lr=0.1)
+    lrs = []
+    for t in range(6):
+        sched.step_update(num_updates=t)
+        lrs.append(opt.param_groups[0]["lr"])
+    # warmup clamped to total - 1 = 4 steps (0.25 per step), then one cosine step down to min_lr
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert lrs[5] == pytest.approx(0.1)
+
+
+def test_is_no_decay_rules_by_hand():
+    w2, w1 = torch.zeros(4, 4), torch.zeros(4)
+    assert not is_no_decay("layers.0.blocks.0.attn.qkv.weight", w2)
+    assert is_no_decay("layers.0.blocks.0.attn.proj.bias", w2)  # a bias, whatever its shape
+    assert is_no_decay("layers.0.blocks.0.norm1.weight", w1)  # 1-D
+    assert is_no_decay("layers.0.blocks.0.attn.logit_scale", torch.zeros(3, 1, 1))
+    assert is_no_decay("layers.0.blocks.0.attn.relative_position_bias_table", w2)
+    assert not is_no_decay("layers.0.blocks.0.attn.cpb_mlp_extra.weight", w2)  # whole components, not substrings
+    # wrappers' name components are removed; the true shape decides, not a flat shard
+    assert not is_no_decay("_fsdp_wrapped_module.layers.0.blocks.0.attn._orig_mod.qkv.weight", w1,
+                           shapes={"layers.0.blocks.0.attn.qkv.weight": (12, 4)})
+    zero3 = torch.nn.Parameter(torch.zeros(0))
+    zero3.ds_shape = torch.Size([12, 4])
+    assert not is_no_decay("layers.0.blocks.0.attn.qkv.weight", zero3)
+    frozen = create_model("swin_pico_patch2_window4_32", num_classes=3)
+    frozen.head.fc.weight.requires_grad_(False)
+    names = {n for g in param_groups(frozen) for n in g["param_names"]}
+    assert "head.fc.weight" not in names and "head.fc.bias" in names
+
+
+def test_default_no_decay_keywords_apply_to_any_module():
+    class Net(torch.nn.Module):  # no no_weight_decay_keywords(): the recipe's defaults apply
+        def __init__(self):
+            super().__init__()
+            self.cpb_mlp = torch.nn.Linear(2, 4, bias=False)
+            self.relative_position_bias_table = torch.nn.Parameter(torch.zeros(9, 2))
+            self.fc = torch.nn.Linear(4, 4)
+
+    where = _group_of(param_groups(Net(), weight_decay=0.1))
+    assert {n: g["weight_decay"] for n, g in where.items()} == {
+        "cpb_mlp.weight": 0.0, "relative_position_bias_table": 0.0, "fc.weight": 0.1, "fc.bias": 0.0}

@@ -1,0 +1,239 @@
+"""The papers' constants and formulas, each checked against an independent reference: the formula written out here
+(plain loops, no swinlab helper), a hand computation, or timm's own modules. Never against swinlab's own code path.
+
+Every test here is in-process and takes well under a second; they are the tests mutation testing leans on
+(docs/testing.md)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock as TimmV1Block
+from timm.models.swin_transformer_v2 import WindowAttention as TimmV2Attention
+
+from swinlab.models import create_model
+from swinlab.models.swin import (
+    WindowAttention,
+    relative_coords_table,
+    relative_position_index,
+    shift_mask,
+    stage_geometry,
+)
+
+
+def _attention(window=(3, 3), heads=2, dim=8, **kw):
+    kw = {"attention": "cosine", "position_bias": "cpb_log", "qkv_bias": "qv", **kw}
+    attn = WindowAttention(dim, heads, window, **kw)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if name != "logit_scale":
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return attn.eval()
+
+
+def _pairs(window):
+    """Token positions of a window in row-major order (the order window_partition flattens them in)."""
+    return [(r, c) for r in range(window[0]) for c in range(window[1])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# V2 scaled cosine attention: logit scale initialised to ln 10, clamped at ln 100 (tau >= 0.01)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_logit_scale_starts_at_ln_10_in_eager_and_in_init_weights():
+    model = create_model("swinv2_pico_patch2_window4_32")
+    scales = [blk.attn.logit_scale for blk in model.blocks()]
+    assert all(s.shape == (blk.attn.num_heads, 1, 1) for s, blk in zip(scales, model.blocks()))
+    assert all(torch.equal(s, torch.full_like(s, math.log(10.0))) for s in scales)
+    with torch.no_grad():
+        for s in scales:
+            s.fill_(3.0)
+    model.init_weights()
+    assert all(torch.equal(s, torch.full_like(s, math.log(10.0))) for s in scales)
+
+
+def _cosine_attention_by_hand(attn, x, multipliers, bias=None, mask=None):
+    """softmax(cos(q, k) * multiplier + bias + mask) v, then proj, written out per window and head."""
+    C, nH = attn.dim, attn.num_heads
+    hd = C // nH
+    w = attn.qkv.weight
+    q = x @ w[:C].T + attn.q_bias
+    k = x @ w[C:2 * C].T  # V2: no k bias
+    v = x @ w[2 * C:].T + attn.v_bias
+    out = torch.zeros_like(x)
+    for h in range(nH):
+        sl = slice(h * hd, (h + 1) * hd)
+        qh, kh = q[..., sl], k[..., sl]
+        cos = (qh @ kh.transpose(-1, -2)) / (qh.norm(dim=-1, keepdim=True) * kh.norm(dim=-1)[..., None, :])
+        logits = cos * multipliers[h]
+        if bias is not None:
+            logits = logits + bias[h]
+        if mask is not None:
+            logits = logits + mask
+        out[..., sl] = logits.softmax(-1) @ v[..., sl]
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_logit_scale_multiplier_is_exp_of_min_s_ln100(fused):
+    # head 0 between ln 50 and ln 100 (a lower cap changes it), head 1 far above (a higher or no cap changes it)
+    attn = _attention(position_bias="none", fused=fused)
+    with torch.no_grad():
+        attn.logit_scale.copy_(torch.tensor([math.log(70.0), math.log(1000.0)]).view(2, 1, 1))
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = attn(x)
+        expected = _cosine_attention_by_hand(attn, x, multipliers=[70.0, 100.0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_attention_and_cpb_equal_timm_window_attention_above_and_below_the_cap():
+    ours = _attention(window=(3, 4), heads=2, dim=8, pretrained_window=(2, 3))
+    ref = TimmV2Attention(8, (3, 4), 2, qkv_bias=True, pretrained_window_size=(2, 3)).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(ours.relative_coords_table, ref.relative_coords_table, atol=0, rtol=0)
+    assert torch.equal(ours.relative_position_index, ref.relative_position_index)
+    x = torch.randn(2, 6, 12, 8, generator=torch.Generator().manual_seed(2))
+    for s in (math.log(60.0), math.log(500.0)):
+        with torch.no_grad():
+            ours.logit_scale.fill_(s)
+            ref.logit_scale.fill_(s)
+            torch.testing.assert_close(ours(x), ref(x.flatten(0, 1)).view_as(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continuous position bias: log-spaced coordinates, 16 * sigmoid, the table lookup
+# ---------------------------------------------------------------------------------------------------------------
+
+def _log_coords_by_hand(window, pretrained):
+    """The paper's / official code's formula, one offset at a time."""
+    out = torch.zeros(2 * window[0] - 1, 2 * window[1] - 1, 2)
+    for i, dy in enumerate(range(-(window[0] - 1), window[0])):
+        for j, dx in enumerate(range(-(window[1] - 1), window[1])):
+            for axis, d in enumerate((dy, dx)):
+                norm = (pretrained[axis] if pretrained[0] > 0 else window[axis]) - 1
+                t = d / max(norm, 1) * 8
+                out[i, j, axis] = math.copysign(math.log2(abs(t) + 1) / math.log2(8), t) if t else 0.0
+    return out
+
+
+@pytest.mark.parametrize("window,pretrained", [((6, 4), (0, 0)), ((6, 4), (4, 3)), ((8, 8), (4, 4)), ((1, 3), (0, 0))])
+def test_log_spaced_coordinates_are_the_papers_formula(window, pretrained):
+    got = relative_coords_table(window, pretrained, log_spaced=True)
+    assert got.shape == (1, 2 * window[0] - 1, 2 * window[1] - 1, 2) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0], _log_coords_by_hand(window, pretrained), atol=1e-6, rtol=1e-6)
+
+
+def test_log_coordinates_hand_values():
+    # W8 without pretrained window: offsets 0..7 / 7 * 8 -> at most 8 -> log2(9) / 3 (paper: [-2.079, 2.079] in ln)
+    table = relative_coords_table((8, 8), (0, 0), log_spaced=True)
+    assert table.max().item() == pytest.approx(math.log2(9) / 3)
+    assert table.max().item() * math.log(8) == pytest.approx(2.197, abs=1e-3)
+    # W16 from a W8 pretrained window: 15 / 7 * 8 -> log2(1 + 120/7) / 3
+    table = relative_coords_table((16, 16), (8, 8), log_spaced=True)
+    assert table.max().item() == pytest.approx(math.log2(1 + 120 / 7) / 3)
+    assert table.min().item() == pytest.approx(-math.log2(1 + 120 / 7) / 3)
+
+
+def test_linear_coordinates_span_minus_one_to_one_at_the_pretrained_window():
+    table = relative_coords_table((5, 3), (0, 0), log_spaced=False)[0]
+    for i, dy in enumerate(range(-4, 5)):
+        for j, dx in enumerate(range(-2, 3)):
+            assert table[i, j].tolist() == pytest.approx([dy / 4, dx / 2])
+    wider = relative_coords_table((7, 7), (5, 5), log_spaced=False)
+    assert wider.max().item() == pytest.approx(6 / 4)
+
+
+def test_relative_position_index_by_hand():
+    window = (2, 3)
+    idx = relative_position_index(window)
+    pos = _pairs(window)
+    for a, (ya, xa) in enumerate(pos):
+        for b, (yb, xb) in enumerate(pos):
+            assert idx[a, b].item() == (ya - yb + window[0] - 1) * (2 * window[1] - 1) + (xa - xb + window[1] - 1)
+
+
+def test_cpb_bias_is_16_sigmoid_of_the_mlp_looked_up_by_offset():
+    window = (3, 2)
+    attn = _attention(window=window, heads=2, pretrained_window=(0, 0))
+    w1, b1, w2 = attn.cpb_mlp[0].weight, attn.cpb_mlp[0].bias, attn.cpb_mlp[2].weight
+    coords = _log_coords_by_hand(window, (0, 0))
+    with torch.no_grad():
+        bias = attn.position_bias()
+        pos = _pairs(window)
+        for a, (ya, xa) in enumerate(pos):
+            for b, (yb, xb) in enumerate(pos):
+                c = coords[ya - yb + window[0] - 1, xa - xb + window[1] - 1]
+                expected = 16 * torch.sigmoid(torch.relu(c @ w1.T + b1) @ w2.T)
+                torch.testing.assert_close(bias[:, a, b], expected, atol=1e-5, rtol=1e-5)
+    assert bias.shape == (2, 6, 6) and 0 < bias.min() and bias.max() < 16
+
+
+def test_v1_table_bias_is_looked_up_by_offset():
+    window = (2, 3)
+    attn = _attention(window=window, heads=3, dim=12, attention="dot", position_bias="table", qkv_bias="qkv")
+    table = attn.relative_position_bias_table
+    with torch.no_grad():
+        bias = attn.position_bias()
+    for a, (ya, xa) in enumerate(_pairs(window)):
+        for b, (yb, xb) in enumerate(_pairs(window)):
+            row = (ya - yb + 1) * 5 + (xa - xb + 2)
+            assert torch.equal(bias[:, a, b], table[row])
+
+
+def test_v1_dot_attention_scale_is_head_dim_to_minus_half():
+    attn = _attention(window=(2, 2), heads=2, dim=8, attention="dot", position_bias="none", qkv_bias="qkv")
+    x = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).chunk(3, dim=-1)
+        out = torch.zeros_like(x)
+        for h in range(2):
+            sl = slice(4 * h, 4 * h + 4)
+            out[..., sl] = (q[..., sl] @ k[..., sl].transpose(-1, -2) / 2.0).softmax(-1) @ v[..., sl]  # sqrt(4)
+        expected = attn.proj(out)
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shifted windows: the -100 mask and the geometry
+# ---------------------------------------------------------------------------------------------------------------
+
+def _region(i, size, window, shift):
+    """The official mask's region label along one axis: [0, size-window), [size-window, size-shift), the rest."""
+    return 0 if i < size - window else (1 if i < size - shift else 2)
+
+
+@pytest.mark.parametrize("padded,window,shift", [((8, 8), (4, 4), (2, 2)), ((6, 9), (3, 3), (1, 1)),
+                                                 ((8, 6), (4, 3), (2, 0))])
+def test_shift_mask_is_minus_100_between_regions(padded, window, shift):
+    mask = shift_mask(padded, window, shift)
+    nwh, nww = padded[0] // window[0], padded[1] // window[1]
+    assert mask.shape == (nwh * nww, window[0] * window[1], window[0] * window[1])
+    for wy in range(nwh):
+        for wx in range(nww):
+            labels = [(_region(wy * window[0] + r, padded[0], window[0], shift[0]),
+                       _region(wx * window[1] + c, padded[1], window[1], shift[1])) for r, c in _pairs(window)]
+            expected = torch.tensor([[0.0 if la == lb else -100.0 for lb in labels] for la in labels])
+            assert torch.equal(mask[wy * nww + wx], expected), (wy, wx)
+    assert set(mask.unique().tolist()) <= {0.0, -100.0} and (mask == -100.0).any()
+
+
+def test_shift_mask_equals_timms_block_mask():
+    ref = TimmV1Block(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2)
+    assert torch.equal(shift_mask((8, 8), (4, 4), (2, 2)), ref.attn_mask)
+    model = create_model("swin_pico_patch2_window4_32")  # stage 0: 16x16 tokens, W4, shift 2
+    ref16 = TimmV1Block(dim=16, input_resolution=(16, 16), num_heads=1, window_size=4, shift_size=2)
+    assert torch.equal(model.layers[0].blocks[1].attn_mask, ref16.attn_mask)
+    assert model.layers[0].blocks[0].attn_mask is None  # even blocks are not shifted
+
+
+def test_stage_geometry_by_hand():
+    geo = stage_geometry(224, 4, 7, 4)
+    assert [g["resolution"] for g in geo] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    assert [g["window"] for g in geo] == [(7, 7)] * 4
+    assert [g["shift"] for g in geo] == [(3, 3), (3, 3), (3, 3), (0, 0)]  # W // 2, none where stage == window
+    geo = stage_geometry((40, 24), 2, (8, 4), 3)
+    assert [g["resolution"] for g in geo] == [(20, 12), (10, 6), (5, 3)]
+    assert [g["window"] for g in geo] == [(8, 4), (8, 4), (5, 3)]
+    assert [g["shift"] for g in geo] == [(4, 2), (4, 2), (0, 0)]
