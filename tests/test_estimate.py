@@ -20,13 +20,17 @@ def write(tmp_path, name, data):
     return str(path)
 
 
-def test_estimator_parameter_count_equals_the_model(tmp_path):
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_estimator_parameter_count_equals_timms_model(tmp_path, name):
+    # an independent count: timm's own implementation of the same architecture (built on the meta device)
+    import timm
     cfg = {"model": {"class_path": "swinlab.tasks.ImageClassifier",
-                     "init_args": {"model_name": "swinv2_giant_cpu_patch2_window4_32", "num_classes": 10}},
+                     "init_args": {"model_name": name, "num_classes": 10}},
            "trainer": {"precision": "32-true", "devices": 2}}
     result = estimate(load_configs([write(tmp_path, "a.yaml", cfg)]))
-    model = create_model("swinv2_giant_cpu_patch2_window4_32", num_classes=10)
-    assert result["params"] == sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        ref = timm.create_model(name, num_classes=10)
+    assert result["params"] == sum(p.numel() for p in ref.parameters())
     assert result["world_size"] == 2
 
 
