@@ -138,3 +138,17 @@ def test_configure_model_shards_blocks_with_fsdp2(tmp_path):
         assert all(p.grad is not None for p in module.model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_lr_scaling_counts_gradient_accumulation_in_a_real_trainer(tmp_path):
+    # 8 images x 2 accumulated batches = 16 per update: LRs x 16 / 512, as Lightning's trainer reports them
+    module = _module(warmup_steps=1)
+    snaps = Snapshots()
+    trainer = _trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, limit_train_batches=4, limit_val_batches=0,
+                       callbacks=[snaps])
+    trainer.fit(module, DigitsDataModule(img_size=16, batch_size=8))
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(5e-3 * 16 / 512, rel=1e-12)
+    assert snaps.lrs[0] == pytest.approx(module.hparams.warmup_lr * 16 / 512, rel=1e-12)
+    assert trainer.global_step == 2 and len(snaps.lrs) == 4  # two batches per optimizer step
+    assert snaps.lrs[1] == snaps.lrs[0] and snaps.lrs[2] == pytest.approx(5e-3 * 16 / 512)  # per update, not batch
