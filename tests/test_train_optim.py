@@ -211,3 +211,31 @@ def test_default_no_decay_keywords_apply_to_any_module():
     where = _group_of(param_groups(Net(), weight_decay=0.1))
     assert {n: g["weight_decay"] for n, g in where.items()} == {
         "cpb_mlp.weight": 0.0, "relative_position_bias_table": 0.0, "fc.weight": 0.1, "fc.bias": 0.0}
+
+
+def test_steps_per_epoch_global_batch_and_fused_choice_edge_cases():
+    from types import SimpleNamespace
+
+    from swinlab.tasks.optim import global_batch_size, steps_per_epoch, use_fused_adamw
+    assert global_batch_size(SimpleNamespace(accumulate_grad_batches=2, world_size=2)) is None  # no data module
+    assert global_batch_size(_fake_trainer(batch_size=3, accumulate=5, world_size=7)) == 105
+    assert steps_per_epoch(_fake_trainer(batches=1, accumulate=4)) == 1
+    assert steps_per_epoch(_fake_trainer(batches=9, accumulate=4)) == 3
+    sized = SimpleNamespace(train_dataloader=lambda: list(range(10)))  # before Lightning counted the batches
+    trainer = SimpleNamespace(num_training_batches=float("inf"), datamodule=sized, accumulate_grad_batches=3)
+    assert steps_per_epoch(trainer) == 4
+    unsized = SimpleNamespace(train_dataloader=lambda: iter(range(10)))
+    trainer = SimpleNamespace(num_training_batches=float("inf"), datamodule=unsized, accumulate_grad_batches=3)
+    assert steps_per_epoch(trainer) == 1
+
+    def param(kind, floating=True):
+        return SimpleNamespace(is_floating_point=lambda: floating, device=SimpleNamespace(type=kind))
+
+    fp32 = _fake_trainer(precision="32-true")
+    assert use_fused_adamw(fp32, [{"params": [param("cpu"), param("cuda")]}])
+    assert not use_fused_adamw(fp32, [{"params": [param("cpu"), param("meta")]}])
+    assert not use_fused_adamw(fp32, [{"params": [param("cpu", floating=False)]}])
+    assert not use_fused_adamw(fp32, [{"params": []}])
+    assert not use_fused_adamw(_fake_trainer(precision="16"), [{"params": [param("cuda")]}])
+    assert not use_fused_adamw(_fake_trainer(precision="16-mixed"), [{"params": [param("cuda")]}])
+    assert use_fused_adamw(SimpleNamespace(), [{"params": [param("cuda")]}])  # no precision attribute: not fp16
