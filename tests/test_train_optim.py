@@ -121,7 +121,9 @@ def test_lr_scaling_counts_batch_accumulation_and_processes():
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 / 8)
     sched.step_update(num_updates=100)
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-6 / 8)
-    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    assert (opt.defaults["betas"], opt.defaults["eps"], opt.defaults["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.05)
+    opt = _recipe(_fake_trainer(), betas=[0.8, 0.95], eps=1e-6, weight_decay=0.1)["optimizer"]  # not AdamW's defaults
+    assert (opt.defaults["betas"], opt.defaults["eps"], opt.defaults["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.1)
     # accumulation alone matters: 16 x 3 x 1 = 48
     conf = _recipe(_fake_trainer(batch_size=16, accumulate=3, world_size=1), warmup_steps=0)
     assert conf["lrs"]["lr"] == pytest.approx(5e-4 * 48 / 512, rel=1e-12)
