@@ -129,12 +129,10 @@ class TrainingMonitor(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._due(trainer) or getattr(trainer.strategy, "deepspeed_engine", None) is not None:
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        if params:
+            from .tasks.optim import grad_total_norm
+            pl_module.log("train/grad_norm", grad_total_norm(params), on_step=True, on_epoch=False)
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -274,7 +272,7 @@ class ExportBest(Callback):
         if best and os.path.isdir(best):
             trainer.strategy.barrier("export_best")
             if trainer.is_global_zero:
-                state = _read_sharded_backbone(best)
+                state = _read_sharded_backbone(best, prefix=f"{getattr(pl_module, '_model_attr', 'model')}.")
         elif best and os.path.isfile(best):
             if trainer.is_global_zero:
                 from .models import read_checkpoint
@@ -301,8 +299,9 @@ def _backbone_keys(state: Dict[str, Any], prefix: str = "model.") -> Dict[str, t
             for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
 
 
-def _read_sharded_backbone(path: str) -> Dict[str, torch.Tensor]:
-    """The backbone's fp32 tensors from a checkpoint folder this run wrote (rank 0, no collectives)."""
+def _read_sharded_backbone(path: str, prefix: str = "model.") -> Dict[str, torch.Tensor]:
+    """The backbone's fp32 tensors (the task's ``prefix`` attribute) from a checkpoint folder this run wrote (rank 0,
+    no collectives)."""
     root = Path(path)
     if (root / "latest").is_file() or (root / "checkpoint").is_dir():  # DeepSpeed
         import tempfile
@@ -310,16 +309,16 @@ def _read_sharded_backbone(path: str) -> Dict[str, torch.Tensor]:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
         with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
             converted = convert_zero_checkpoint_to_fp32_state_dict(root, Path(tmp) / "fp32.ckpt")
-        return _backbone_keys(converted["state_dict"])
+        return _backbone_keys(converted["state_dict"], prefix)
     import torch.distributed.checkpoint as dcp
     metadata = dcp.FileSystemReader(str(root)).read_metadata()
     wanted = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("state_dict.model.") and hasattr(meta, "size"):
+        if key.startswith(f"state_dict.{prefix}") and hasattr(meta, "size"):
             wanted[key[len("state_dict."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     state = {"state_dict": wanted}
     dcp.load(state, checkpoint_id=str(root), no_dist=True)  # only these tensors are read
-    return _backbone_keys(state["state_dict"])
+    return _backbone_keys(state["state_dict"], prefix)
 
 
 def _gather_backbone(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:

@@ -152,12 +152,14 @@ class SwinlabCLI(LightningCLI):
         version = init.get("version")
         if version is not None:
             found = root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints" / "last.ckpt"
-            found = found if found.is_file() else None
+            found = found if found.exists() else None  # a file, or a sharded (FSDP2/DeepSpeed) folder
         else:
             runs = [p for p in root.glob("version_*/checkpoints/last.ckpt")]
             found = max(runs, key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or -1), default=None)
         if found is None:
-            raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints: drop --ckpt_path "
+            where = root / (version if isinstance(version, str) else f"version_{version}") if version is not None \
+                else root / "version_*"
+            raise ConfigError(f"--ckpt_path last: no last.ckpt under {where}/checkpoints: drop --ckpt_path "
                               f"to start a new run, or give the checkpoint file")
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)

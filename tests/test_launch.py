@@ -83,18 +83,20 @@ RESUME_LENGTH = {"ddp": ["--trainer.max_epochs", "2", "--trainer.limit_train_bat
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     """Every strategy: fit on 2 ranks, then resume with --ckpt_path last; all strategies at once."""
-    dirs = {name: tmp_path_factory.mktemp(name) for name in STRATEGIES}
+    jobs = {**STRATEGIES, "simmim_fsdp2": STRATEGIES["fsdp2"]}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in jobs}
     # the resume is the same command plus --ckpt_path last, as users resume (a different val_check_interval would
     # restore Lightning's logging step counter differently)
-    args = {name: [*SMALL, *STRATEGIES[name], "--trainer.devices", "2",
-                   *([] if name in FIT_LENGTH else ["--trainer.val_check_interval", "3"])] for name in STRATEGIES}
+    args = {name: [*SMALL, *jobs[name], "--trainer.devices", "2",
+                   *([] if name in FIT_LENGTH else ["--trainer.val_check_interval", "3"])] for name in jobs}
+    args["simmim_fsdp2"][1] = str(EXP / "simmim_quick.yaml")  # SimMIM pretraining instead of the classifier
     fits = _run_all([(dirs[n], _cmd(*args[n], *FIT_LENGTH.get(n, ["--trainer.max_steps", "3"]), tag="fit"))
-                     for n in STRATEGIES], timeout=420)
-    ok = [n for n, (rc, _) in zip(STRATEGIES, fits) if rc == 0]
+                     for n in jobs], timeout=480)
+    ok = [n for n, (rc, _) in zip(jobs, fits) if rc == 0]
     resumes = dict(zip(ok, _run_all(
         [(dirs[n], _cmd(*args[n], *RESUME_LENGTH.get(n, ["--trainer.max_steps", "5"]), "--ckpt_path", "last",
-                        tag="resume")) for n in ok], timeout=420)))
-    return {n: (dirs[n], fits[i], resumes.get(n)) for i, n in enumerate(STRATEGIES)}
+                        tag="resume")) for n in ok], timeout=480)))
+    return {n: (dirs[n], fits[i], resumes.get(n)) for i, n in enumerate(jobs)}
 
 
 def probes(tmp_path, tag, world=2):
@@ -168,6 +170,27 @@ def test_strategy_fits_validates_saves_and_resumes_through_the_cli(matrix, name)
         assert not {s["images"] for s in after["steps"]} & {s["images"] for s in before["steps"]}
     losses = [e.step for e in events(run).Scalars("train/loss")]
     assert losses == [s - 1 for s in steps + more]  # logged into the same run folder
+
+
+@pytest.mark.slow
+def test_simmim_pretrains_and_resumes_under_fsdp2(matrix):
+    """SimMIM's masked forward goes through the encoder's own call (FSDP2's root hooks gather its parameters); the
+    replicated decoder and mask token get their gradients averaged over the ranks."""
+    tmp_path, (rc, log), resume = matrix["simmim_fsdp2"]
+    assert rc == 0, log
+    fit = probes(tmp_path, "fit")
+    assert all(p["strategy"] == "ModelParallelStrategy" and [s["step"] for s in p["steps"]] == [1, 2, 3]
+               for p in fit)
+    assert not {s["images"] for s in fit[0]["steps"]} & {s["images"] for s in fit[1]["steps"]}
+    run = tmp_path / "runs" / "simmim_quick" / "pretrain"
+    ea = events(run)
+    assert "simmim/reconstruction" in ea.Tags()["images"]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("val/loss"))
+    import swinlab
+    encoder = swinlab.create_model(PICO, checkpoint=str(run / "best.safetensors"))  # the exported encoder
+    assert torch.isfinite(encoder.forward_features(torch.randn(1, 3, 32, 32))).all()
+    assert resume is not None and resume[0] == 0, resume and resume[1]
+    assert all([s["step"] for s in p["steps"]] == [4, 5] for p in probes(tmp_path, "resume"))
 
 
 def _launch_ranks(tmp_path, args, per_rank_env, timeout=240):
@@ -325,3 +348,13 @@ def test_fused_adamw_under_bf16_mixed_is_clipped_like_lightnings_base_plugin():
     clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in task.model.parameters()]))
     assert clipped == pytest.approx(1.0, rel=1e-4)
     assert all(torch.allclose(p.grad, g / total, rtol=1e-4, atol=1e-9) for p, g in zip(task.model.parameters(), grads))
+
+
+@pytest.mark.parametrize("trainer", [{"devices": 2}, {"strategy": "ddp"}, {"num_nodes": 2}])
+def test_ablate_refuses_multi_process_trainers(trainer):
+    """ablate trains each variant in its own process: a launcher would re-run the whole study in every worker."""
+    from swinlab.ablate import _trainer
+    from swinlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="inside this one process") as err:
+        _trainer(trainer, logger=False)
+    assert "\n" not in str(err.value)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..errors import ConfigError
-from .optim import record_param_shapes
+from .optim import clip_grad_norm, record_param_shapes
 from .sharding import (
     compile_blocks,
     defer_checkpointing_to_strategy,
@@ -143,7 +143,7 @@ class SwinTask:
             if by_value:
                 torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
             else:
-                torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+                clip_grad_norm(params, float(gradient_clip_val))  # DTensor shards and plain grads may mix
             return None
         return self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                                    gradient_clip_algorithm=gradient_clip_algorithm)
