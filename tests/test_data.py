@@ -192,3 +192,19 @@ def test_sample_seed_is_splitmix64_written_out():
     for args in [(0, 0, 0), (1, 2, 3), (7, 0, 1796), (2**40, 5, 9)]:
         assert sample_seed(*args) == by_hand(*args)
     assert len({sample_seed(0, e, i) for e in range(3) for i in range(50)}) == 150
+
+
+def test_loader_state_before_iterating_and_empty_or_changed_states():
+    loader = _loader(replicas=1, n=12, batch_size=3)
+    loader.sampler.set_epoch(2)
+    assert loader.state_dict() == {"epoch": 2, "batches_served": 0, "batch_size": 3, "seed": 5, "num_samples": 12}
+    next(iter(loader))
+    loader.sampler.set_epoch(3)  # the next epoch is announced but nothing of it is served yet
+    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["batches_served"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.load_state_dict({})  # nothing saved (e.g. a checkpoint without loader state): a no-op
+    assert loader.sampler.skipped() == 0
+    changed = _loader(replicas=1, n=12, batch_size=2)
+    with pytest.warns(UserWarning, match=r"\(3, 12, 5\) -> \(2, 12, 5\)"):
+        changed.load_state_dict(loader.state_dict())
