@@ -241,3 +241,15 @@ def test_steps_per_epoch_global_batch_and_fused_choice_edge_cases():
     assert not use_fused_adamw(_fake_trainer(precision="16"), [{"params": [param("cuda")]}])
     assert not use_fused_adamw(_fake_trainer(precision="16-mixed"), [{"params": [param("cuda")]}])
     assert use_fused_adamw(SimpleNamespace(), [{"params": [param("cuda")]}])  # no precision attribute: not fp16
+
+
+def test_no_warmup_starts_at_the_base_lr_and_a_one_step_run_is_allowed():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_cosine_scheduler(opt, total_steps=10, warmup_steps=0, warmup_lr=0.0, min_lr=0.0)
+    sched.step_update(num_updates=0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    conf = _recipe(_fake_trainer(total=1), warmup_steps=0, scale_lr=False)
+    conf["lr_scheduler"]["scheduler"].step_update(num_updates=0)
+    assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert layer_id("absolute_pos_embed", [2, 2]) == 0 and layer_id("head.fc.weight", [2, 2]) == 5
