@@ -208,3 +208,11 @@ def test_loader_state_before_iterating_and_empty_or_changed_states():
     changed = _loader(replicas=1, n=12, batch_size=2)
     with pytest.warns(UserWarning, match=r"\(3, 12, 5\) -> \(2, 12, 5\)"):
         changed.load_state_dict(loader.state_dict())
+
+
+def test_sampler_passes_shuffle_and_drop_last_through():
+    from swinlab.data.common import ResumableSampler
+    ordered = ResumableSampler(list(range(7)), num_replicas=2, rank=1, shuffle=False, seed=3)
+    assert [int(i) for i in ordered] == [1, 3, 5, 0]  # padded by wrapping, as DistributedSampler
+    dropped = ResumableSampler(list(range(7)), num_replicas=2, rank=1, shuffle=False, drop_last=True)
+    assert [int(i) for i in dropped] == [1, 3, 5] and dropped.num_samples == 3

@@ -237,3 +237,21 @@ def test_stage_geometry_by_hand():
     assert [g["resolution"] for g in geo] == [(20, 12), (10, 6), (5, 3)]
     assert [g["window"] for g in geo] == [(8, 4), (8, 4), (5, 3)]
     assert [g["shift"] for g in geo] == [(4, 2), (4, 2), (0, 0)]
+
+
+@pytest.mark.parametrize("hw", [(6, 6), (6, 5), (5, 6), (7, 7)])
+def test_patch_merging_pads_odd_sizes_like_timm(hw):
+    from timm.models.swin_transformer import PatchMerging as TimmMerging
+
+    from swinlab.models.swin import PatchMerging
+    ours = PatchMerging(4, 8, "norm_reduce")
+    ref = TimmMerging(4, 8)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, *hw, 4, generator=g)
+    out = ours(x)
+    assert out.shape == (2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 8)
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
