@@ -255,3 +255,35 @@ def test_patch_merging_pads_odd_sizes_like_timm(hw):
     out = ours(x)
     assert out.shape == (2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 8)
     torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_shift_along_one_axis_only_equals_timm(version):
+    # 32x16 pixels, patch 2, W4: stage 1 is 8x4 tokens, shifted along H only (W holds a single window)
+    from conftest import randomize_
+    from timm.models.swin_transformer import SwinTransformer as TimmV1
+    from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
+
+    from swinlab.models import SwinTransformer
+    net = dict(img_size=(32, 16), patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
+               num_classes=3)
+    ref = randomize_((TimmV1 if version == "v1" else TimmV2)(**net)).eval()
+    ours = SwinTransformer(version=version, **net).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert ours.layers[1].blocks[1].shift == (2, 0)
+    x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_runtime_shift_masks_are_cached_per_size():
+    model = create_model("swin_pico_patch2_window4_32").eval()
+    blk = model.layers[0].blocks[1]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 48, 40))
+        first = dict(blk._mask_cache)
+        model(torch.randn(1, 3, 40, 48))
+        model(torch.randn(1, 3, 48, 40))
+    assert len(first) == 1 and len(blk._mask_cache) == 2
+    (key, mask), = first.items()
+    assert blk._mask_cache[key] is mask  # reused, not rebuilt
