@@ -55,23 +55,35 @@ def _cmd(*args, tag):
             "--trainer.callbacks.init_args.tag", tag]
 
 
-def _run_all(jobs, timeout):
-    """Start every (cwd, cmd) at once and wait for all: a launch spends much of its time waiting (start-up of the
-    second rank, rendezvous), so running them together costs far less than one after the other on 2 cores."""
-    # each launch gets its own rendezvous port: free ports picked by concurrent launches themselves can coincide,
-    # and then one run's rank joins another run's process group
-    ports = _free_ports(len(jobs))
-    procs = [(cmd, subprocess.Popen(cmd, cwd=cwd, env=_env(cwd, MASTER_PORT=str(port)), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)) for (cwd, cmd), port in zip(jobs, ports)]
-    results = []
-    for cmd, p in procs:
-        try:
-            out = p.communicate(timeout=timeout)[0]
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out = p.communicate()[0] + f"\n(killed after {timeout} s)"
-        results.append((p.returncode, f"{' '.join(cmd[3:])}\n{out[-5000:]}"))
-    return results
+def _run(cwd, cmd, port, timeout):
+    try:
+        res = subprocess.run(cmd, cwd=cwd, env=_env(cwd, MASTER_PORT=str(port)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        rc, out = res.returncode, res.stdout
+    except subprocess.TimeoutExpired as exc:
+        rc, out = -9, (exc.stdout or b"").decode(errors="replace") + f"\n(killed after {timeout} s)"
+    return rc, f"{' '.join(cmd[3:])}\n{out[-5000:]}"
+
+
+def _run_chains(chains, timeout):
+    """Run each chain of (cwd, cmd) in order, all chains at once: a launch spends much of its time waiting (start-up
+    of the second rank, rendezvous), so overlapping them costs far less than one after the other on 2 cores. Each
+    command gets its own rendezvous port: free ports picked by concurrent launches themselves can coincide, and then
+    one run's rank joins another run's process group. A chain stops at its first failure."""
+    from concurrent.futures import ThreadPoolExecutor
+    ports = iter(_free_ports(sum(len(c) for c in chains)))
+    chains = [[(cwd, cmd, next(ports)) for cwd, cmd in chain] for chain in chains]
+
+    def run_chain(chain):
+        results = []
+        for cwd, cmd, port in chain:
+            results.append(_run(cwd, cmd, port, timeout))
+            if results[-1][0] != 0:
+                break
+        return results
+
+    with ThreadPoolExecutor(max_workers=len(chains)) as pool:
+        return list(pool.map(run_chain, chains))
 
 
 # The issue's first command (`--trainer.strategy ddp`, one epoch of the quickstart on 2 processes) is the DDP case; the
@@ -90,13 +102,11 @@ def matrix(tmp_path_factory):
     args = {name: [*SMALL, *jobs[name], "--trainer.devices", "2",
                    *([] if name in FIT_LENGTH else ["--trainer.val_check_interval", "3"])] for name in jobs}
     args["simmim_fsdp2"][1] = str(EXP / "simmim_quick.yaml")  # SimMIM pretraining instead of the classifier
-    fits = _run_all([(dirs[n], _cmd(*args[n], *FIT_LENGTH.get(n, ["--trainer.max_steps", "3"]), tag="fit"))
-                     for n in jobs], timeout=480)
-    ok = [n for n, (rc, _) in zip(jobs, fits) if rc == 0]
-    resumes = dict(zip(ok, _run_all(
-        [(dirs[n], _cmd(*args[n], *RESUME_LENGTH.get(n, ["--trainer.max_steps", "5"]), "--ckpt_path", "last",
-                        tag="resume")) for n in ok], timeout=480)))
-    return {n: (dirs[n], fits[i], resumes.get(n)) for i, n in enumerate(jobs)}
+    chains = [[(dirs[n], _cmd(*args[n], *FIT_LENGTH.get(n, ["--trainer.max_steps", "3"]), tag="fit")),
+               (dirs[n], _cmd(*args[n], *RESUME_LENGTH.get(n, ["--trainer.max_steps", "5"]), "--ckpt_path", "last",
+                              tag="resume"))] for n in jobs]
+    results = dict(zip(jobs, _run_chains(chains, timeout=480)))
+    return {n: (dirs[n], results[n][0], results[n][1] if len(results[n]) > 1 else None) for n in jobs}
 
 
 def probes(tmp_path, tag, world=2):
