@@ -287,3 +287,58 @@ def test_runtime_shift_masks_are_cached_per_size():
     assert len(first) == 1 and len(blk._mask_cache) == 2
     (key, mask), = first.items()
     assert blk._mask_cache[key] is mask  # reused, not rebuilt
+
+
+def test_extra_norm_is_applied_on_the_main_branch():
+    from swinlab.models import SwinTransformer
+    model = SwinTransformer(img_size=16, patch_size=2, embed_dim=8, depths=(2,), num_heads=(1,), window_size=4,
+                            version="v2", extra_norm_period=2, num_classes=0).eval()
+    plain, extra = model.layers[0].blocks
+    assert not hasattr(plain, "norm3") and hasattr(extra, "norm3")
+    with torch.no_grad():
+        extra.norm3.weight.zero_()
+        extra.norm3.bias.fill_(0.5)  # LayerNorm output = bias: the block's output must be exactly 0.5
+        out = extra(torch.randn(1, 8, 8, 8))
+    assert torch.equal(out, torch.full_like(out, 0.5))
+
+
+def test_half_precision_weights_without_autocast_run_v2():
+    # DeepSpeed's bf16 engine casts parameters, not buffers: the zero k bias and the fp32 bias/mask must follow q
+    from conftest import randomize_
+    model = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=3)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model(x)
+        got = model.to(torch.bfloat16)(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_dropout_only_in_training(fused):
+    model = create_model("swin_pico_patch2_window4_32", num_classes=3, attn_drop_rate=0.5, drop_path_rate=0.0)
+    model.set_fused_attn(fused)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        torch.manual_seed(0)
+        a = model(x)
+        b = model(x)
+    assert not torch.allclose(a, b)
+
+
+def test_fused_training_gives_the_position_bias_its_gradient():
+    from conftest import randomize_
+    ref = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=3, drop_path_rate=0.0))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for fused in (True, False):
+        ref.zero_grad()
+        ref.set_fused_attn(fused)
+        ref.train()(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in ref.named_parameters() if "cpb_mlp" in n})
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
