@@ -216,3 +216,11 @@ def test_sampler_passes_shuffle_and_drop_last_through():
     assert [int(i) for i in ordered] == [1, 3, 5, 0]  # padded by wrapping, as DistributedSampler
     dropped = ResumableSampler(list(range(7)), num_replicas=2, rank=1, shuffle=False, drop_last=True)
     assert [int(i) for i in dropped] == [1, 3, 5] and dropped.num_samples == 3
+
+
+def test_loader_over_a_plain_sampler_has_no_resume_state():
+    from swinlab.data.common import ResumableLoader
+    loader = ResumableLoader(list(range(6)), batch_size=2, collate_fn=lambda b: list(b))
+    assert loader.state_dict() == {}
+    loader.load_state_dict({"epoch": 0, "batches_served": 1, "batch_size": 2, "seed": 0, "num_samples": 6})
+    assert list(loader) == [[0, 1], [2, 3], [4, 5]] and loader.state_dict() == {}

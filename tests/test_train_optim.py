@@ -253,3 +253,31 @@ def test_no_warmup_starts_at_the_base_lr_and_a_one_step_run_is_allowed():
     conf["lr_scheduler"]["scheduler"].step_update(num_updates=0)
     assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(5e-4)
     assert layer_id("absolute_pos_embed", [2, 2]) == 0 and layer_id("head.fc.weight", [2, 2]) == 5
+
+
+def test_param_groups_use_recorded_shapes_and_the_models_keywords():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat = torch.nn.Parameter(torch.zeros(16))  # a flat shard of a 4x4 weight (FSDP1-style)
+            self.fc = torch.nn.Linear(4, 4)
+
+        def no_weight_decay_keywords(self):
+            return {"fc"}
+
+    net = Net()
+    groups = param_groups(net, weight_decay=0.1)
+    where = _group_of(groups)
+    assert where["flat"]["weight_decay"] == 0.0 and where["fc.weight"]["weight_decay"] == 0.0  # 1-D; keyword
+    net.true_param_shapes = {"flat": (4, 4)}  # recorded before sharding (record_param_shapes)
+    assert _group_of(param_groups(net, weight_decay=0.1))["flat"]["weight_decay"] == 0.1
+    del net.true_param_shapes
+    assert _group_of(param_groups(net, weight_decay=0.1, shapes={"flat": (4, 4)}))["flat"]["weight_decay"] == 0.1
+    # without layer decay (or with 1.0): exactly the two groups, no lr_scale, holding the module's own tensors
+    model = create_model("swin_pico_patch2_window4_32", num_classes=3)
+    for ld in (None, 1.0):
+        groups = param_groups(model, weight_decay=0.05, layer_decay=ld)
+        assert sorted(g["name"] for g in groups) == ["decay", "no_decay"]
+        assert not any("lr_scale" in g for g in groups)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert ids == {id(p) for p in model.parameters()}
