@@ -239,7 +239,7 @@ def test_stage_geometry_by_hand():
     assert [g["shift"] for g in geo] == [(4, 2), (4, 2), (0, 0)]
 
 
-@pytest.mark.parametrize("hw", [(6, 6), (6, 5), (5, 6), (7, 7)])
+@pytest.mark.parametrize("hw", [(6, 6), (6, 5), (5, 6), (7, 7), (9, 4)])
 def test_patch_merging_pads_odd_sizes_like_timm(hw):
     from timm.models.swin_transformer import PatchMerging as TimmMerging
 

@@ -229,6 +229,8 @@ def test_steps_per_epoch_global_batch_and_fused_choice_edge_cases():
     unsized = SimpleNamespace(train_dataloader=lambda: iter(range(10)))
     trainer = SimpleNamespace(num_training_batches=float("inf"), datamodule=unsized, accumulate_grad_batches=3)
     assert steps_per_epoch(trainer) == 1
+    trainer.accumulate_grad_batches = 1  # an unsized loader counts as one batch per epoch
+    assert steps_per_epoch(trainer) == 1
 
     def param(kind, floating=True):
         return SimpleNamespace(is_floating_point=lambda: floating, device=SimpleNamespace(type=kind))
