@@ -133,3 +133,45 @@ def test_guard_skips_on_the_device_without_a_host_sync(tmp_path, monkeypatch):
     assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
     state = trainer.optimizers[0].state[next(module.model.parameters())]
     assert int(state["step"]) == 3  # four batches, one skipped: the fused kernel did not count it
+
+
+def test_grad_norm_clip_and_groups_with_dtensor_shards_beside_plain_parameters(monkeypatch):
+    """SimMIM under FSDP2: a sharded encoder beside a replicated decoder. The total norm, the clipping and the
+    optimizer groups must treat DTensor shards and plain tensors together (one gloo rank here)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from swinlab.tasks.optim import clip_grad_norm, grad_total_norm, param_groups
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))
+        assert isinstance(model[0].weight, DTensor) and not isinstance(model[1].weight, DTensor)
+        model(torch.randn(5, 6)).square().sum().mul(50).backward()
+        full = [(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone() for p in model.parameters()]
+        ref = torch.linalg.vector_norm(torch.cat([g.flatten() for g in full]))
+        assert grad_total_norm(list(model.parameters())) == pytest.approx(float(ref), rel=1e-6)
+        assert float(ref) > 1.0
+        clip_grad_norm(list(model.parameters()), 1.0)
+        after = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
+        assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in after]))) == pytest.approx(1.0, rel=1e-4)
+        assert all(torch.allclose(a, g / ref, rtol=1e-4, atol=1e-9) for a, g in zip(after, full))
+        groups = {g["name"]: g["params"] for g in param_groups(model, weight_decay=0.05)}
+        assert set(groups) == {"decay", "no_decay", "decay_replicated", "no_decay_replicated"}
+        for name, params in groups.items():
+            assert all(isinstance(p, DTensor) != name.endswith("_replicated") for p in params)
+        opt = torch.optim.AdamW([{"params": p} for p in groups.values()], lr=1e-2, fused=True)
+        opt.step()  # the fused kernel takes each group (one kind of tensor) without complaint
+    finally:
+        dist.destroy_process_group()
