@@ -14,12 +14,14 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from .errors import CheckpointError, SwinlabError
 
 
-def _tensorboard(trainer: pl.Trainer):
+def _tensorboard_logger(trainer: pl.Trainer):
     from lightning.pytorch.loggers import TensorBoardLogger
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def _tensorboard(trainer: pl.Trainer):
+    logger = _tensorboard_logger(trainer)
+    return logger.experiment if logger is not None else None
 
 
 def _backbone(pl_module: pl.LightningModule):
@@ -239,11 +241,6 @@ class AttentionImages(Callback):
         finally:
             model.train(was_training)
         return out
-
-
-def _tensorboard_logger(trainer: pl.Trainer):
-    from lightning.pytorch.loggers import TensorBoardLogger
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 class ExportBest(Callback):

@@ -154,4 +154,7 @@ class NonFiniteGuard(Callback):
                 f"--nonfinite.max_consecutive to tolerate more")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:  # an optimizer used after this fit must not keep the last verdict
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
         self._read(trainer)
