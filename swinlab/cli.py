@@ -150,16 +150,16 @@ class SwinlabCLI(LightningCLI):
             return  # not a TensorBoard-style logger: leave "last" to Lightning
         root = Path(init.save_dir) / (init.get("name") or "")
         version = init.get("version")
+        run = root / (version if isinstance(version, str) else f"version_{version}") if version is not None \
+            else root / "version_*"
         if version is not None:
-            found = root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints" / "last.ckpt"
+            found = run / "checkpoints" / "last.ckpt"
             found = found if found.exists() else None  # a file, or a sharded (FSDP2/DeepSpeed) folder
         else:
             runs = [p for p in root.glob("version_*/checkpoints/last.ckpt")]
             found = max(runs, key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or -1), default=None)
         if found is None:
-            where = root / (version if isinstance(version, str) else f"version_{version}") if version is not None \
-                else root / "version_*"
-            raise ConfigError(f"--ckpt_path last: no last.ckpt under {where}/checkpoints: drop --ckpt_path "
+            raise ConfigError(f"--ckpt_path last: no last.ckpt under {run}/checkpoints: drop --ckpt_path "
                               f"to start a new run, or give the checkpoint file")
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)
