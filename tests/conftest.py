@@ -37,9 +37,16 @@ def python_exe() -> str:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+# Files that hold the long multi-process runs go first: under ``pytest -n 2 --dist loadfile`` (the README's command)
+# each file runs whole on one worker, and a long file started last would leave the other worker idle at the end.
+FIRST = ("test_launch.py", "test_distributed.py", "test_meta_init.py", "test_simmim.py", "test_docs_commands.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need a CUDA device: without one they are skipped, with the reason (``pytest -m gpu``
-    on a CUDA machine runs them; docs/benchmarks.md)."""
+    """Long files first (see FIRST). Tests marked ``gpu`` need a CUDA device: without one they are skipped, with the
+    reason (``pytest -m gpu`` on a CUDA machine runs them; docs/benchmarks.md)."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: file order kept otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: no CUDA device visible (run `pytest -m gpu` on a GPU machine, "

@@ -89,7 +89,7 @@ def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path):
     env = _checkout_env()
     res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(write_study(tmp_path, bad)),
                           "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, env=env,
-                         timeout=120)
+                         timeout=300)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: eval #1: window 5x5 cannot tile")
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="not divisible by the patch size 2"):

@@ -178,7 +178,7 @@ def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     res = subprocess.run([sys.executable, "-m", "swinlab", "convert", str(official), "--model",
                           "swin_pico_patch2_window4_32", "--img-size", "64", "--window-size", "8", "--out", str(out)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["img_size"] == [64, 64] and info["window_size"][0] == 8
@@ -190,6 +190,6 @@ def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
         assert torch.equal(direct(x), reloaded(x))
     bad = subprocess.run([sys.executable, "-m", "swinlab", "convert", str(official), "--model", "swin_pico",
                           "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=120)
+                         cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown model 'swin_pico'")
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -210,7 +210,7 @@ def test_v2_g_sbatch_composes_on_a_fresh_clone_under_slurm(fresh_copy, tmp_path)
                SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(fresh_copy), DS_ACCELERATOR="cpu")
     env.pop("PYTHONPATH", None)  # `python -m swinlab` from the clone's root imports the clone's swinlab
     res = subprocess.run(["bash", str(SBATCH)], cwd=fresh_copy, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     cfg = yaml.safe_load(res.stdout)
     trainer, strategy = cfg["trainer"], cfg["trainer"]["strategy"]

@@ -279,7 +279,7 @@ def test_a_payload_in_a_distributed_checkpoint_is_refused_through_the_cli(tmp_pa
     cmd = [sys.executable, "-m", "swinlab", "fit", "--config", str(EXP / "quickstart.yaml"), "--config",
            str(STRATEGY / "fsdp2.yaml"), "--trainer.strategy.init_args.data_parallel_size", "1",
            "--ckpt_path", str(folder)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
     assert ".metadata" in lines[0] and "SWINLAB_TRUST_CHECKPOINTS" in lines[0] and ".system" in lines[0]
