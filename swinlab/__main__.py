@@ -1,13 +1,13 @@
 """``python -m swinlab <command>`` (also the ``swinlab`` console script).
 
 Commands:
-  fit | validate | test | predict   training through LightningCLI (swinlab.cli)
+  fit | validate | test | predict   training through LightningCLI (swinlab.training.cli)
   models                            list registered variants with parameters and FLOPs
   convert                           load any Swin checkpoint (official, timm, Lightning, swinlab) into a variant,
                                     optionally at another image/window size, and write safetensors
-  bench                             throughput/memory side by side with timm (swinlab.bench)
-  estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.estimate)
-  ablate                            resolution-transfer ablation studies (swinlab.ablate)
+  bench                             throughput/memory side by side with timm (swinlab.tools.bench)
+  estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.tools.estimate)
+  ablate                            resolution-transfer ablation studies (swinlab.tools.ablate)
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from .errors import SwinlabError
 
 # command -> module whose main(argv) runs it
 COMMANDS = {
-    "models": "swinlab.commands",
-    "convert": "swinlab.commands",
-    "bench": "swinlab.bench",
-    "estimate": "swinlab.estimate",
-    "ablate": "swinlab.ablate",
+    "models": "swinlab.tools.catalog",
+    "convert": "swinlab.tools.convert",
+    "bench": "swinlab.tools.bench",
+    "estimate": "swinlab.tools.estimate",
+    "ablate": "swinlab.tools.ablate",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -51,13 +51,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
-            from .cli import main as cli_main
+            from .training.cli import main as cli_main
             return cli_main(argv) or 0
         if command not in COMMANDS:
             known = ", ".join(list(LIGHTNING_COMMANDS) + list(COMMANDS))
             raise SwinlabError(f"unknown command {command!r}: use one of {known}")
         module = importlib.import_module(COMMANDS[command])
-        return module.main(argv) or 0
+        return module.main(argv[1:]) or 0
     except SwinlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

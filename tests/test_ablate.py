@@ -10,9 +10,9 @@ import torch
 import yaml
 from conftest import ROOT
 
-from swinlab.ablate import CSV_FIELDS, check_study, load_study, transfer
 from swinlab.errors import ConfigError
 from swinlab.models import create_model, read_checkpoint
+from swinlab.tools.ablate import CSV_FIELDS, check_study, load_study, transfer
 
 TINY = {
     "study": "tiny",

@@ -9,8 +9,8 @@ import torch
 import yaml
 from PIL import Image
 
-from swinlab.cli import main
 from swinlab.errors import CheckpointError, ConfigError, SwinlabError
+from swinlab.training.cli import main
 
 PICO = "swinv2_pico_patch2_window4_32"
 TINY = {
@@ -282,7 +282,7 @@ def test_pickle_payload_in_a_starting_checkpoint(cfg, tmp_path):
 
 
 def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from swinlab.checkpoint_io import atomic_torch_save
+    from swinlab.training.checkpoint_io import atomic_torch_save
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"global_step": 1}, path)
     before = path.read_bytes()
@@ -298,7 +298,7 @@ def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_unwritable_checkpoint_folder(tmp_path):
-    from swinlab.checkpoint_io import atomic_torch_save
+    from swinlab.training.checkpoint_io import atomic_torch_save
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(CheckpointError) as err:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from swinlab import bench
 from swinlab.__main__ import main as cli_main
+from swinlab.tools import bench
 
 REQUIRED = ("model", "mode", "precision", "device", "batch_size", "img_s", "timm_img_s", "ratio", "peak_mem_bytes",
             "gflops_per_img", "mfu")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from swinlab.cli import main
 from swinlab.models import list_models
+from swinlab.training.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))

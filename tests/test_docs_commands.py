@@ -2,8 +2,8 @@
 
 * Every ```bash block of docs/scaling.md runs in bash with a stand-in ``python`` first on PATH that only records its
   arguments; each recorded ``python -m swinlab fit ...`` is then composed in-process with ``--print_config`` (which
-  exits before the CLI's CUDA-only pre-flight check) and the merged config must pass ``swinlab.scale.check_config``
-  as on a GPU machine; ``python -m swinlab estimate ...`` runs for real.
+  exits before the CLI's CUDA-only pre-flight check) and the merged config must pass
+  ``swinlab.training.preflight.check_config`` as on a GPU machine; ``python -m swinlab estimate ...`` runs for real.
 * The block marked ``<!-- cpu-command -->`` (the CPU stand-in for SwinV2-G) trains as written, from a fresh copy of
   the repository (``slow``).
 * docs/slurm/v2_g.sbatch runs with ``bash`` in a fresh copy under a fake SLURM environment, with a stand-in ``srun``
@@ -101,7 +101,7 @@ def fresh_copy(tmp_path_factory) -> Path:
 # -- docs/scaling.md: every bash block ----------------------------------------------------------------------------
 def test_scaling_doc_bash_blocks_compose_and_pass_the_gpu_pre_flight(tmp_path, monkeypatch):
     from swinlab.__main__ import main
-    from swinlab.scale import check_config
+    from swinlab.training.preflight import check_config
 
     blocks = bash_blocks(SCALING.read_text())
     assert any(section.startswith("GPU commands") for section, _, _ in blocks)
@@ -189,7 +189,7 @@ def test_cpu_stand_in_command_trains_as_written(fresh_copy, tmp_path):
 
 # -- docs/slurm/v2_g.sbatch on a fresh clone ------------------------------------------------------------------------
 def test_v2_g_sbatch_composes_on_a_fresh_clone_under_slurm(fresh_copy, tmp_path):
-    from swinlab.scale import check_config
+    from swinlab.training.preflight import check_config
 
     script = fresh_copy / SBATCH
     directives = [ln.split(None, 1)[1].strip() for ln in script.read_text().splitlines() if ln.startswith("#SBATCH")]

@@ -10,8 +10,8 @@ import yaml
 from conftest import ROOT
 
 from swinlab.errors import ConfigError
-from swinlab.estimate import activation_bytes, estimate, load_configs, model_state_bytes
 from swinlab.models import create_model
+from swinlab.tools.estimate import activation_bytes, estimate, load_configs, model_state_bytes
 
 
 def write(tmp_path, name, data):

@@ -244,7 +244,7 @@ def test_gpu_only_strategies_pass_the_pre_flight_check_where_cuda_is(strategy, c
     import yaml
 
     from swinlab.__main__ import main
-    from swinlab.scale import check_config
+    from swinlab.training.preflight import check_config
 
     args = ["fit", "--config", "experiments/quickstart.yaml", "--config", f"experiments/strategy/{strategy}.yaml",
             "--trainer.accelerator", "auto", "--print_config"]
@@ -442,7 +442,7 @@ def _bench(args: list, say, env_extra=None, timeout=None) -> list:
             for row in rows:
                 fh.write(json.dumps(dict(row, command=shown)) + "\n")
     assert res.returncode == 0, f"{shown}\nexit {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-    from swinlab.bench import markdown_table
+    from swinlab.tools.bench import markdown_table
 
     say(f"`{shown}`\n\n" + markdown_table(rows) + "\n\nfirst step (s, includes compile): " +
         ", ".join(f"{r['model']} {r['mode']} {r['first_step_s']}/{r.get('timm_first_step_s')}" for r in rows))

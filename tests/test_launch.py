@@ -287,8 +287,8 @@ def test_a_payload_in_a_distributed_checkpoint_is_refused_through_the_cli(tmp_pa
 
 
 def test_checkpoint_folder_check_covers_deepspeed_files_and_byte_items(tmp_path, monkeypatch):
-    from swinlab.checkpoint_io import check_checkpoint_folder
     from swinlab.errors import CheckpointError
+    from swinlab.training.checkpoint_io import check_checkpoint_folder
 
     marker = tmp_path / "ran"
     ds = tmp_path / "ds.ckpt" / "checkpoint"
@@ -363,8 +363,8 @@ def test_fused_adamw_under_bf16_mixed_is_clipped_like_lightnings_base_plugin():
 @pytest.mark.parametrize("trainer", [{"devices": 2}, {"strategy": "ddp"}, {"num_nodes": 2}])
 def test_ablate_refuses_multi_process_trainers(trainer):
     """ablate trains each variant in its own process: a launcher would re-run the whole study in every worker."""
-    from swinlab.ablate import _trainer
     from swinlab.errors import ConfigError
+    from swinlab.tools.ablate import _trainer
     with pytest.raises(ConfigError, match="inside this one process") as err:
         _trainer(trainer, logger=False)
     assert "\n" not in str(err.value)

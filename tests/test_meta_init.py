@@ -285,13 +285,13 @@ def test_tasks_record_true_shapes_in_configure_model():
     (32, 4, False, None), (16, 2, True, (2, 8)), (2, 1, False, None),
 ])
 def test_hsdp_mesh_shape(world, nodes, hsdp, shape):
-    from swinlab.tasks.sharding import hsdp_mesh_shape
+    from swinlab.training.sharding import hsdp_mesh_shape
     assert hsdp_mesh_shape(world, nodes, hsdp) == shape
 
 
 def test_hsdp_option_is_validated():
     from swinlab.errors import ConfigError
-    from swinlab.tasks.sharding import check_sharding, hsdp_mesh_shape
+    from swinlab.training.sharding import check_sharding, hsdp_mesh_shape
     assert check_sharding({"hsdp": "auto"}) and check_sharding({"hsdp": False})
     with pytest.raises(ConfigError, match="sharding.hsdp='yes' is not valid: use auto"):
         check_sharding({"hsdp": "yes"})
@@ -414,7 +414,7 @@ def _fsdp2_worker(out: pathlib.Path) -> None:
     with torch.no_grad():
         result["forward_equal"] = torch.allclose(task.model.eval()(x), ref.eval()(x), atol=1e-5)
     # HSDP: two "nodes" of one rank each, forced on (auto keeps FSDP with one rank per node)
-    from swinlab.tasks.sharding import shard_swin
+    from swinlab.training.sharding import shard_swin
     with torch.device("meta"):
         model = create_model(PICO_V2, num_classes=10)
     shard_swin(model, mesh, {"hsdp": True}, num_nodes=2)

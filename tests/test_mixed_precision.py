@@ -87,8 +87,8 @@ def test_guard_skips_on_the_device_without_a_host_sync(tmp_path, monkeypatch):
     step still leaves the weights, moments and step count as they were."""
     import lightning.pytorch as pl
 
-    from swinlab.guards import NonFiniteGuard
     from swinlab.tasks import ImageClassifier
+    from swinlab.training.nonfinite import NonFiniteGuard
 
     torch.manual_seed(0)
     x = torch.randn(16, 3, 16, 16)
@@ -145,7 +145,8 @@ def test_grad_norm_clip_and_groups_with_dtensor_shards_beside_plain_parameters(m
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from swinlab.tasks.optim import clip_grad_norm, grad_total_norm, param_groups
+    from swinlab.tasks.optim import param_groups
+    from swinlab.training.sharding import clip_grad_norm, grad_total_norm
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from swinlab.cli import main
 from swinlab.errors import CheckpointError, SwinlabError
+from swinlab.training.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PICO = "swinv2_pico_patch2_window4_32"
@@ -128,8 +128,8 @@ def _trainer(tmp_path, **kwargs):
 def test_safe_checkpoint_io_is_attached_only_to_single_file_strategies(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-    from swinlab.checkpoint_io import SafeCheckpointIO
-    from swinlab.cli import attach_safe_checkpoint_io
+    from swinlab.training.checkpoint_io import SafeCheckpointIO
+    from swinlab.training.cli import attach_safe_checkpoint_io
 
     class Fake:
         def __init__(self, strategy):
@@ -146,8 +146,8 @@ def test_safe_checkpoint_io_is_attached_only_to_single_file_strategies(tmp_path)
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    from swinlab.cli import attach_safe_checkpoint_io
     from swinlab.tasks import ImageClassifier
+    from swinlab.training.cli import attach_safe_checkpoint_io
 
     trainer = _trainer(tmp_path)
     attach_safe_checkpoint_io(trainer)
@@ -176,9 +176,9 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 def test_failed_export_leaves_the_previous_safetensors_intact(tmp_path, monkeypatch):
     import safetensors.torch
 
-    from swinlab.callbacks import ExportBest
     from swinlab.models import create_model, save_safetensors
     from swinlab.tasks import ImageClassifier
+    from swinlab.training.callbacks import ExportBest
 
     module = ImageClassifier(model_name=PICO, num_classes=10, model_kwargs={"img_size": 16})
     out = save_safetensors(module.model, tmp_path / "best.safetensors", PICO)
@@ -229,7 +229,7 @@ def test_pickle_payload_checkpoint_is_refused_by_the_cli(tmp_path, monkeypatch, 
 
 def test_trainer_checkpoint_loads_are_weights_only(tmp_path):
     """Past the CLI's own check, Lightning's resume/validate path reads through SafeCheckpointIO too."""
-    from swinlab.cli import attach_safe_checkpoint_io
+    from swinlab.training.cli import attach_safe_checkpoint_io
 
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "extra": Payload(marker)}, tmp_path / "evil.ckpt")
@@ -260,8 +260,8 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _guarded_fit(tmp_path, nan_batches, max_consecutive):
-    from swinlab.guards import NonFiniteGuard
     from swinlab.tasks import ImageClassifier
+    from swinlab.training.nonfinite import NonFiniteGuard
 
     torch.manual_seed(0)
     module = ImageClassifier(model_name=PICO, num_classes=10, model_kwargs={"img_size": 16}, mixup=0, cutmix=0,

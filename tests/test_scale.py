@@ -9,9 +9,9 @@ import torch
 import yaml
 
 import swinlab
-from swinlab.cli import TRAINER_DEFAULTS, SwinlabCLI, main
 from swinlab.errors import ConfigError
-from swinlab.scale import check_chunk_size, check_config, check_run, strategy_family, valid_chunk_sizes
+from swinlab.training.cli import TRAINER_DEFAULTS, SwinlabCLI, main
+from swinlab.training.preflight import check_chunk_size, check_config, check_run, strategy_family, valid_chunk_sizes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -91,7 +91,7 @@ def test_strategy_composes_with_every_experiment(parser, strategy):
 
 
 def test_print_config_through_main(capsys):
-    """The same composition through ``swinlab.cli.main`` (what ``python -m swinlab fit`` runs)."""
+    """The same composition through ``swinlab.training.cli.main`` (what ``python -m swinlab fit`` runs)."""
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "experiments" / "v2_g.yaml"), "--config",
               str(ROOT / "experiments" / "strategy" / "zero3_offload.yaml"), "--print_config"])
@@ -251,7 +251,7 @@ def test_bad_scale_settings_are_one_line_through_the_cli(tmp_path, monkeypatch, 
 
 def test_estimator_reports_the_configured_strategy(monkeypatch):
     monkeypatch.chdir(ROOT)  # the DeepSpeed JSON paths in the strategy files are relative to the repo root
-    from swinlab.estimate import estimate, load_configs
+    from swinlab.tools.estimate import estimate, load_configs
     exp = str(ROOT / "experiments" / "v2_g.yaml")
     names = {}
     for s in ("ddp", "fsdp2", "fsdp2_offload", "zero3", "zero2_offload", "zero3_offload", "fsdp1"):
@@ -262,7 +262,7 @@ def test_estimator_reports_the_configured_strategy(monkeypatch):
     assert names["zero3_offload"] == "deepspeed_stage_3_offload"
     assert names["zero2_offload"] == "deepspeed_stage_2_offload"
     assert names["fsdp2"] == "ModelParallelStrategy"
-    assert names["fsdp2_offload"] == "OffloadModelParallelStrategy + cpu offload"  # swinlab.tasks.sharding
+    assert names["fsdp2_offload"] == "OffloadModelParallelStrategy + cpu offload"  # swinlab.training.sharding
     assert names["fsdp1"] == "FSDPStrategy"
 
 

@@ -9,8 +9,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..errors import ConfigError
-from .optim import clip_grad_norm, record_param_shapes
-from .sharding import (
+from ..training.sharding import (
+    clip_grad_norm,
     compile_blocks,
     defer_checkpointing_to_strategy,
     materialize_local,
@@ -18,6 +18,7 @@ from .sharding import (
     materialize_zero3,
     shard_swin,
 )
+from .optim import record_param_shapes
 
 # Lightning's DeepSpeedStrategy warns whenever a module overrides configure_gradient_clipping; SwinTask does only for
 # FSDP1 and leaves DeepSpeed's own clipping (from trainer.gradient_clip_val) in charge, so the warning is noise.

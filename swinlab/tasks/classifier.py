@@ -9,10 +9,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import ConfigError
-from ..scale import check_run
+from ..training.preflight import check_run
+from ..training.sharding import check_sharding
 from .base import SwinTask, build_model
 from .optim import global_batch_size, param_groups, recipe_optimizer
-from .sharding import check_sharding
 
 
 class ImageClassifier(SwinTask, pl.LightningModule):
@@ -35,7 +35,7 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode: timm Mixup (off when mixup and cutmix are 0).
         ema_decay: keep an EMA of the weights (timm ModelEmaV3) and validate it too (``val/acc1_ema``); None: off.
         sharding: FSDP2 options under ModelParallelStrategy (``param_dtype``, ``reduce_dtype``, ``cpu_offload``,
-            ``reshard_after_forward``, ``hsdp``: auto/true/false); see ``swinlab.tasks.sharding`` and
+            ``reshard_after_forward``, ``hsdp``: auto/true/false); see ``swinlab.training.sharding`` and
             experiments/strategy/fsdp2*.yaml.
         empty_init: build the model on the meta device (no memory) and materialise it in ``configure_model``: under
             FSDP2 and DeepSpeed ZeRO-3 each rank then only ever holds its shards; ``checkpoint`` is loaded after.

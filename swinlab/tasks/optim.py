@@ -196,35 +196,3 @@ def recipe_optimizer(trainer: Any, groups: List[Dict[str, Any]], *, base_lr: flo
     scheduler = warmup_cosine_scheduler(optimizer, total_steps=int(total), warmup_steps=warmup,
                                         warmup_lr=lrs["warmup_lr"], min_lr=lrs["min_lr"])
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}, "lrs": lrs}
-
-
-def grad_total_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The total gradient norm over ``params`` as a plain tensor, where some gradients may be FSDP2 DTensor shards and
-    others plain tensors (SimMIM's replicated decoder beside a sharded encoder): each kind is reduced on its own
-    (the DTensor part over the mesh) and the two combined. No host sync."""
-    from torch.distributed.tensor import DTensor
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    parts = []
-    for kind in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
-        if kind:
-            norm = torch.nn.utils.get_total_norm(kind, norm_type)
-            parts.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    device = parts[0].device
-    return torch.linalg.vector_norm(torch.stack([p.to(device).float() for p in parts]), norm_type)
-
-
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for gradients that mix DTensor shards and plain tensors."""
-    from torch.distributed.tensor import DTensor
-    params = [p for p in params if p.grad is not None]
-    total = grad_total_norm(params, norm_type)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    groups: Dict[Any, List[torch.Tensor]] = {}
-    for p in params:  # a DTensor's local shard is scaled in place (same coefficient on every rank)
-        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, dtype), grads in groups.items():
-        torch._foreach_mul_(grads, coef.to(device=device, dtype=dtype))
-    return total

@@ -16,10 +16,10 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from ..scale import check_run
+from ..training.preflight import check_run
+from ..training.sharding import check_sharding
 from .base import SwinTask, build_model
 from .optim import param_groups, recipe_optimizer
-from .sharding import check_sharding
 
 
 class MaskGenerator:

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .errors import ConfigError
-from .models import create_model
+from ..errors import ConfigError
+from ..models import create_model
 from .yamlio import load_yaml
 
 MIXED = ("bf16-mixed", "16-mixed", "bf16", "16", "fp16", "bf16-true", "16-true")

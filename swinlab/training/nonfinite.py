@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .errors import SwinlabError
+from ..errors import SwinlabError
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from ..errors import CheckpointError, ConfigError, SwinlabError
 from .callbacks import AttentionImages, ExportBest, ResumeState, TrainingMonitor
-from .errors import CheckpointError, ConfigError, SwinlabError
-from .guards import NonFiniteGuard
+from .nonfinite import NonFiniteGuard
 
 # ckpt_path values Lightning resolves itself (not file paths)
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -50,7 +50,7 @@ class SwinlabCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's version reads the checkpoint's hyperparameters into the config; this one reads the file with
-        ``swinlab.checkpoint_io.load_checkpoint_file`` (a pickle payload is refused and never runs) and names a
+        ``swinlab.training.checkpoint_io.load_checkpoint_file`` (a pickle payload is refused and never runs) and names a
         missing, truncated or foreign file in one line."""
         if not self.config.get("subcommand"):
             return
@@ -100,7 +100,7 @@ class SwinlabCLI(LightningCLI):
                 raise ConfigError(f"--threads {threads} must be >= 1 (or left out: torch's default)")
             torch.set_num_threads(int(threads))
         if self.subcommand in ("fit", "validate", "test", "predict"):
-            from .scale import check_config
+            from .preflight import check_config
             check_config(cfg)  # impossible strategy/precision combinations: one line before anything is built
         if cfg.get("trainer.enable_checkpointing") is False:
             self._checkpointing_off(cfg)

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
-from .errors import CheckpointError, SwinlabError
+from ..errors import CheckpointError, SwinlabError
 
 
 def _tensorboard_logger(trainer: pl.Trainer):
@@ -114,7 +114,7 @@ class TrainingMonitor(Callback):
                 pl_module.log("train/grad_norm", float(norm), on_step=True, on_epoch=False)
         model = _backbone(pl_module)
         if self.log_logit_scales and model is not None and hasattr(model, "layers"):
-            from .models.swin import LOGIT_SCALE_MAX
+            from ..models.swin import LOGIT_SCALE_MAX
             scales = [(f"logit_scale/s{i}b{j}", blk.attn) for i, stage in enumerate(model.layers)
                       for j, blk in enumerate(stage.blocks) if hasattr(blk.attn, "logit_scale")]
             params = [attn.logit_scale for _, attn in scales]
@@ -133,7 +133,7 @@ class TrainingMonitor(Callback):
             return
         params = [p for p in pl_module.parameters() if p.grad is not None]
         if params:
-            from .tasks.optim import grad_total_norm
+            from .sharding import grad_total_norm
             pl_module.log("train/grad_norm", grad_total_norm(params), on_step=True, on_epoch=False)
 
 
@@ -155,7 +155,7 @@ def attention_probs(attn: torch.nn.Module, x: torch.Tensor, mask: Optional[torch
     module's input ``x`` (B, nW, N, C) and shift ``mask``."""
     import torch.nn.functional as F
 
-    from .models.swin import LOGIT_SCALE_MAX
+    from ..models.swin import LOGIT_SCALE_MAX
     x = x[:1, :1].float()
     _, _, N, C = x.shape
     nH, hd = attn.num_heads, attn.head_dim
@@ -272,7 +272,7 @@ class ExportBest(Callback):
                 state = _read_sharded_backbone(best, prefix=f"{getattr(pl_module, '_model_attr', 'model')}.")
         elif best and os.path.isfile(best):
             if trainer.is_global_zero:
-                from .models import read_checkpoint
+                from ..models import read_checkpoint
                 state = read_checkpoint(best)[0]
         else:
             state = _gather_backbone(pl_module.model)
@@ -280,7 +280,7 @@ class ExportBest(Callback):
             self._export(pl_module, state, best)
 
     def _export(self, pl_module, state: Dict[str, torch.Tensor], best: str) -> None:
-        from .models import SwinTransformer, save_safetensors
+        from ..models import SwinTransformer, save_safetensors
         with torch.device("meta"):
             model = SwinTransformer(**pl_module.model.config)
         model.load_state_dict(state, assign=True)  # the gathered tensors themselves: no second copy

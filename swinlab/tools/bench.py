@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .models import create_model, get_variant, model_macs
-from .models.compile import compile_model
+from ..errors import ConfigError
+from ..models import create_model, get_variant, model_macs
+from ..models.compile import compile_model
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train")

@@ -15,7 +15,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .sharding import check_sharding
 
 
 def strategy_family(strategy: Any) -> str:
@@ -94,18 +95,17 @@ def check_config(config: Any) -> None:
     attention, bias = kwargs.get("attention"), kwargs.get("position_bias")
     if name and (attention is None or bias is None):
         try:
-            from .models.registry import get_variant
+            from ..models.registry import get_variant
             variant = get_variant(name)
         except Exception:  # unknown names are reported by the task itself
             variant = None
         if variant is not None:
-            from .models.swin import PRESETS
+            from ..models.swin import PRESETS
             preset = PRESETS.get(kwargs.get("version", variant.version), {})
             attention = attention or preset.get("attention")
             bias = bias or preset.get("position_bias")
     sharding = init.get("sharding")
     if sharding:
-        from .tasks.sharding import check_sharding  # local: the tasks import this module
         check_sharding(sharding)  # the options' own values first: a bad dtype is named before the strategy rule
     _precision_rules(str(trainer.get("precision") or "32-true"), _is_v2(attention, bias), family, sharding)
 

@@ -36,9 +36,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import ConfigError
-from .models import create_model, save_safetensors
-from .models.swin import to_2tuple
+from ..errors import ConfigError
+from ..models import create_model, save_safetensors
+from ..models.swin import to_2tuple
 from .yamlio import load_yaml
 
 CSV_FIELDS = ["study", "variant", "seed", "train_img_size", "train_window", "eval_img_size", "eval_window",
@@ -53,10 +53,10 @@ def load_study(path: str) -> Dict[str, Any]:
     p = Path(path)
     study = load_yaml(p) or {}
     if not isinstance(study, dict):
-        raise ConfigError(f"study config {path} is not a mapping: see swinlab/ablate.py for the format")
+        raise ConfigError(f"study config {path} is not a mapping: see swinlab/tools/ablate.py for the format")
     for key in ("model", "data", "train", "eval", "variants"):
         if key not in study:
-            raise ConfigError(f"study config {path} has no '{key}:' section: see swinlab/ablate.py for the format")
+            raise ConfigError(f"study config {path} has no '{key}:' section: see swinlab/tools/ablate.py")
     study.setdefault("study", p.stem)
     study.setdefault("seeds", [0])
     if not study["variants"]:
@@ -77,7 +77,7 @@ def check_study(study: Dict[str, Any]) -> None:
     """Every (img_size, window) must tile the first stage's token grid exactly: checked before any training."""
     for variant in study["variants"]:
         name, kwargs, _ = _variant_model(study, variant)
-        from .models import get_variant
+        from ..models import get_variant
         patch = kwargs.get("patch_size", get_variant(name).patch_size)
         sizes = [("train", study["train"])] + [(f"eval #{i + 1}", e) for i, e in enumerate(study["eval"])]
         for what, spec in sizes:
@@ -147,7 +147,7 @@ def _trainer(trainer_args: Dict[str, Any], logger) -> Any:
 
 def _task(study: Dict[str, Any], name: str, kwargs: Dict[str, Any], checkpoint: Optional[str],
           extra: Optional[Dict[str, Any]] = None):
-    from .tasks import ImageClassifier
+    from ..tasks import ImageClassifier
     args = {k: v for k, v in study["model"].items() if k not in ("model_name", "model_kwargs")}
     args.update(extra or {})
     return ImageClassifier(model_name=name, model_kwargs=kwargs, checkpoint=checkpoint, **args)

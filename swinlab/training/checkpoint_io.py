@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .errors import CheckpointError
-from .models.checkpoint import safe_torch_load
+from ..errors import CheckpointError
+from ..models.checkpoint import safe_torch_load
 
 
 def _is_local(path: Any) -> bool:
