@@ -1,15 +1,17 @@
-"""What every swinlab LightningModule shares: building the model (eagerly or on the meta device), setting it up
-under the strategy, and the checkpoint metadata."""
+"""What every swinlab LightningModule shares: building the model (eagerly or on the meta device), the checks before a
+run, setting the model up under the strategy, the optimizer recipe and the checkpoint metadata."""
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from ..errors import ConfigError
+from ..training.preflight import check_run
 from ..training.sharding import (
+    check_sharding,
     clip_grad_norm,
     compile_blocks,
     defer_checkpointing_to_strategy,
@@ -18,7 +20,11 @@ from ..training.sharding import (
     materialize_zero3,
     shard_swin,
 )
-from .optim import record_param_shapes
+from .optim import recipe_optimizer, record_param_shapes
+
+#: the hyperparameters every task names the same way and hands to ``recipe_optimizer`` (AdamW + warmup/cosine)
+RECIPE_HPARAMS = ("base_lr", "warmup_lr", "min_lr", "scale_lr", "betas", "eps", "weight_decay", "warmup_epochs",
+                  "warmup_steps")
 
 # Lightning's DeepSpeedStrategy warns whenever a module overrides configure_gradient_clipping; SwinTask does only for
 # FSDP1 and leaves DeepSpeed's own clipping (from trainer.gradient_clip_val) in charge, so the warning is noise.
@@ -66,10 +72,42 @@ def _is_fsdp1(strategy: Any) -> bool:
 
 class SwinTask:
     """Mixin for LightningModules that hold a registry Swin as ``self.model`` (named ``self.model_name``) and have
-    ``sharding`` / ``compile`` / ``empty_init`` hyperparameters."""
+    ``sharding`` / ``compile`` / ``empty_init`` hyperparameters and the recipe ones (:data:`RECIPE_HPARAMS`).
+
+    A task calls :meth:`check_hparams` after ``save_hyperparameters()`` and supplies :meth:`optimizer_param_groups`
+    (what it trains, and with which weight decay); it may add :meth:`check_data`. The rest is here: ``setup``,
+    ``configure_model``, ``configure_optimizers``, ``lr_scheduler_step``, clipping and checkpoint metadata."""
 
     _configured = False
     _model_attr = "model"  # the attribute that holds the Swin model (SimMIM: "encoder")
+
+    def attached_trainer(self) -> Optional[Any]:
+        """The Trainer this module is attached to, or None (built alone, as in tests and tools): Lightning's public
+        ``self.trainer`` raises RuntimeError while no trainer is attached."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    # -- checks -------------------------------------------------------------------------------------------------------
+    def check_hparams(self) -> None:
+        """Checks on the constructor arguments that every task makes, right after ``save_hyperparameters()``: the
+        ``sharding`` options, and ``empty_init`` with an EMA copy (tasks that have ``ema_decay``)."""
+        check_sharding(self.hparams.get("sharding"))
+        if self.hparams.get("empty_init") and self.hparams.get("ema_decay") is not None:
+            raise ConfigError("ema_decay is set with empty_init: the EMA copy is made in __init__, from a model that "
+                              "is still on the meta device (and would be a full unsharded copy on every rank): set "
+                              "model.init_args.ema_decay: null, or empty_init: false")
+
+    def setup(self, stage: str) -> None:
+        """Every rank, before ``configure_model``: the run's strategy/precision/chunk-size rules (``check_run``), then
+        the task's own checks of the data module (:meth:`check_data`)."""
+        trainer = self.attached_trainer()
+        check_run(trainer, self)
+        self.check_data(getattr(trainer, "datamodule", None))
+
+    def check_data(self, datamodule: Any) -> None:
+        """Compare the data module (None without one) with the model; nothing to compare by default."""
 
     def configure_model(self) -> None:
         """Set the model up under the strategy, in this order:
@@ -86,7 +124,7 @@ class SwinTask:
         if self._configured:
             return
         self._configured = True
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         strategy = getattr(trainer, "strategy", None)
         model = getattr(self, self._model_attr)
         record_param_shapes(self)
@@ -109,11 +147,24 @@ class SwinTask:
         if meta:
             materialize_sharded(model, device, cpu_offload=bool((sharding or {}).get("cpu_offload")))
 
-    def _check_empty_init(self, ema_decay: Optional[float] = None) -> None:
-        if self.hparams.get("empty_init") and ema_decay is not None:
-            raise ConfigError("ema_decay is set with empty_init: the EMA copy is made in __init__, from a model that "
-                              "is still on the meta device (and would be a full unsharded copy on every rank): set "
-                              "model.init_args.ema_decay: null, or empty_init: false")
+    # -- optimisation ---------------------------------------------------------------------------------------------
+    def optimizer_param_groups(self) -> List[Dict[str, Any]]:
+        """The AdamW parameter groups (``swinlab.tasks.optim.param_groups``): which parameters the task trains, with
+        which weight decay and LR scale."""
+        raise NotImplementedError(f"{type(self).__name__} must define optimizer_param_groups()")
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        """AdamW over :meth:`optimizer_param_groups` with the official per-step warmup + cosine schedule; the LRs
+        (per 512 images, scaled by the global batch unless ``scale_lr`` is false), AdamW's settings and the warmup
+        length are the task's hyperparameters (:data:`RECIPE_HPARAMS`)."""
+        conf = recipe_optimizer(self.trainer, self.optimizer_param_groups(),
+                                **{name: self.hparams[name] for name in RECIPE_HPARAMS})
+        conf.pop("lrs")  # the scaled LRs, for recipe_optimizer's callers; Lightning takes only its own keys
+        return conf
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """timm's scheduler is stepped per optimizer update, by update count."""
+        scheduler.step_update(num_updates=self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, with two exceptions Lightning's precision plugins refuse:

@@ -1,7 +1,7 @@
 """ImageClassifier: any registry Swin model trained with the official recipe through Lightning."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -9,10 +9,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import ConfigError
-from ..training.preflight import check_run
-from ..training.sharding import check_sharding
 from .base import SwinTask, build_model
-from .optim import global_batch_size, param_groups, recipe_optimizer
+from .optim import param_groups
 
 
 class ImageClassifier(SwinTask, pl.LightningModule):
@@ -72,8 +70,7 @@ class ImageClassifier(SwinTask, pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        check_sharding(sharding)
-        self._check_empty_init(ema_decay)
+        self.check_hparams()
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} must be >= 1: set model.init_args.num_classes")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
@@ -116,9 +113,9 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         self.test_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
 
     # -- model set-up ---------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        check_run(self._trainer, self)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+    def check_data(self, datamodule: Any) -> None:
+        """The data module's class count and image size (where it has them) must be the model's."""
+        dm = datamodule
         n = getattr(dm, "num_classes", None)
         if n is not None and n != self.hparams.num_classes:
             raise ConfigError(f"the data has {n} classes but model.init_args.num_classes is "
@@ -181,17 +178,6 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         return {"pred": pred, "conf": conf}
 
     # -- optimisation ---------------------------------------------------------------------------------------------
-    def global_batch_size(self) -> Optional[int]:
-        return global_batch_size(self._trainer) if self._trainer is not None else None
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = param_groups(self.model, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay)
-        conf = recipe_optimizer(self.trainer, groups, base_lr=hp.base_lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
-                                scale_lr=hp.scale_lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-                                warmup_epochs=hp.warmup_epochs, warmup_steps=hp.warmup_steps)
-        self.scaled_lrs = conf.pop("lrs")
-        return conf
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)
+    def optimizer_param_groups(self) -> List[Dict[str, Any]]:
+        """The model's weights with ``weight_decay``, the rest without, and layer-wise LR decay if set."""
+        return param_groups(self.model, weight_decay=self.hparams.weight_decay, layer_decay=self.hparams.layer_decay)

@@ -7,7 +7,7 @@ substituted after the patch embedding, the Swin encoder, and a one-layer decoder
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -16,10 +16,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from ..training.preflight import check_run
-from ..training.sharding import check_sharding
 from .base import SwinTask, build_model
-from .optim import param_groups, recipe_optimizer
+from .optim import param_groups
 
 
 class MaskGenerator:
@@ -88,7 +86,7 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        check_sharding(sharding)
+        self.check_hparams()
         kwargs = dict(model_kwargs or {})
         if "num_classes" in kwargs:
             raise ConfigError("model_kwargs.num_classes is not used in SimMIM pretraining (the encoder has no head): "
@@ -110,9 +108,6 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
     def model(self) -> nn.Module:
         """The encoder (the monitoring/export callbacks look for ``model``); not registered twice."""
         return self.encoder
-
-    def setup(self, stage: str) -> None:
-        check_run(self._trainer, self)
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images and token mask -> (B, C_last, H/stride, W/stride) features."""
@@ -185,15 +180,8 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
         experiment.add_images("simmim/reconstruction", show(rec * pm + x * (1 - pm)), step)
 
     # -- optimisation ---------------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = param_groups(self, weight_decay=hp.weight_decay,
-                              keywords=tuple(self.encoder.no_weight_decay_keywords()) + ("mask_token",))
-        conf = recipe_optimizer(self.trainer, groups, base_lr=hp.base_lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
-                                scale_lr=hp.scale_lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-                                warmup_epochs=hp.warmup_epochs, warmup_steps=hp.warmup_steps)
-        conf.pop("lrs")
-        return conf
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)
+    def optimizer_param_groups(self) -> List[Dict[str, Any]]:
+        """Encoder, mask token and decoder: the encoder's no-decay keywords and the mask token go without weight
+        decay; no layer decay."""
+        return param_groups(self, weight_decay=self.hparams.weight_decay,
+                            keywords=tuple(self.encoder.no_weight_decay_keywords()) + ("mask_token",))
