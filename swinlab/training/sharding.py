@@ -206,12 +206,25 @@ def materialize_zero3(meta_model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Lightning's FSDPStrategy keeps its ``activation_checkpointing_policy`` (and the deprecated
+# ``activation_checkpointing``) only in this private attribute, and hands it to ``_setup_activation_checkpointing`` in
+# ``_setup_model``; it has no public property or method that tells whether it will checkpoint (checked up to
+# lightning 2.6). This is the one place swinlab reads it; tests/test_lightning_private.py fails when Lightning drops
+# or renames it.
+FSDP_ACTIVATION_CHECKPOINTING_ATTR = "_activation_checkpointing_kwargs"
+
+
+def strategy_checkpoints_activations(strategy: Any) -> bool:
+    """True when ``strategy`` (Lightning's FSDPStrategy) wraps modules in activation checkpointing itself."""
+    return bool(getattr(strategy, FSDP_ACTIVATION_CHECKPOINTING_ATTR, None))
+
+
 def defer_checkpointing_to_strategy(model: torch.nn.Module, trainer: Any) -> bool:
     """Under Lightning's FSDPStrategy with an ``activation_checkpointing_policy``, the strategy wraps each block in a
     checkpoint wrapper: turn the model's own per-block checkpointing off so blocks are not recomputed twice.
     Returns True when it did."""
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    if strategy is None or not getattr(strategy, "_activation_checkpointing_kwargs", None):
+    if strategy is None or not strategy_checkpoints_activations(strategy):
         return False
     if not getattr(model, "config", {}).get("grad_checkpointing"):
         return False
