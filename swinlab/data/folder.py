@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -16,8 +16,46 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): larger images go through ``on_corrupt``
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan_images(folder: Path) -> Tuple[List[str], List[str]]:
+    """The image files under one class folder, in torchvision's order (by folder, then name), and the links that were
+    not followed. Links are followed only while they stay inside the class folder (a link to ``..`` would file other
+    classes' images under this label); each real folder and file is visited once, so links to ``.`` end instead of
+    looping. A class folder that is itself a link (data on another disk) is the root it is resolved to."""
+    root = os.path.realpath(folder)
+    seen_dirs, seen_files, found, refused = set(), set(), [], []
+    stack = [str(folder)]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen_dirs:
+            continue
+        seen_dirs.add(real)
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue  # unreadable folder: its images are simply absent
+        for entry in entries:
+            target = os.path.realpath(entry.path)
+            if entry.is_symlink() and not _inside(target, root):
+                refused.append(entry.path)
+            elif entry.is_dir():
+                stack.append(entry.path)
+            elif entry.is_file() and _is_image(entry.name) and target not in seen_files:
+                seen_files.add(target)
+                found.append((current, entry.name))
+    return [os.path.join(d, f) for d, f in sorted(found)], refused
 
 
 def check_split(root: Path, what: str) -> List[str]:
@@ -30,57 +68,96 @@ def check_split(root: Path, what: str) -> List[str]:
     if not classes:
         raise ConfigError(f"{what} folder {root} has no class folders: put each class's images in {root}/<class>/")
     for c in classes:
-        has_image = any(_is_image(f) for _, _, files in os.walk(root / c, followlinks=True) for f in files)
-        if not has_image:
+        images, refused = scan_images(root / c)
+        if refused:
+            warnings.warn(f"{len(refused)} link(s) under {root / c} point outside the class folder and are not "
+                          f"followed (first: {refused[0]})", stacklevel=2)
+        if not images:
             raise ConfigError(f"class folder {root / c} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...): "
                               f"add images or remove the folder")
     return classes
 
 
+def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+    """Decode one image as RGB; an image of more than ``max_pixels`` pixels is refused before it is decoded (a
+    48 KB PNG can hold 20000 x 20000 pixels)."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max(max_pixels, DEFAULT_MAX_IMAGE_PIXELS)
+        with open(path, "rb") as fh, Image.open(fh) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ValueError(f"{w}x{h} pixels is more than max_image_pixels={max_pixels}")
+            return img.convert("RGB")
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips unreadable images (warns and counts; the next readable image stands in) or, with
-    ``on_corrupt='error'``, stops with the file's name. Grayscale, palette and RGBA images are converted to RGB.
-    Random augmentation is seeded by the training index's ``aug_seed`` (see ``swinlab.data.common``)."""
+    ``on_corrupt='error'``, stops with the file's name. Whatever the decoder raises counts as unreadable, and so does
+    an image larger than ``max_image_pixels``. Class folders are scanned by ``scan_images`` (links stay inside the
+    class folder, loops end). Grayscale, palette and RGBA images are converted to RGB. Random augmentation is seeded
+    by the training index's ``aug_seed`` (see ``swinlab.data.common``)."""
 
-    def __init__(self, root: str, transform=None, on_corrupt: str = "skip"):
+    def __init__(self, root: str, transform=None, on_corrupt: str = "skip",
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+        self.max_image_pixels = max_image_pixels
         super().__init__(root, transform=transform)
         self.on_corrupt = on_corrupt
         self.skipped: List[str] = []
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx: Dict[str, int], extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        samples = []
+        for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+            samples += [(p, idx) for p in scan_images(Path(directory) / name)[0]]
+        if not samples and not allow_empty:
+            raise ConfigError(f"no images under {directory}: put each class's images in {directory}/<class>/")
+        return samples
 
     def __getitem__(self, index: int):
         index_ = int(index)
         for attempt in range(len(self.samples)):
             i = (index_ + attempt) % len(self.samples)
+            path, target = self.samples[i]
             try:
-                with seeded_rng(index):  # training: augmentation seeded by (seed, epoch, index)
-                    return super().__getitem__(i)
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files
-                path = self.samples[i][0]
+                image = load_rgb(path, self.max_image_pixels)
+            except Exception as exc:  # noqa: BLE001 - whatever the decoder raises: the image is unreadable
                 if self.on_corrupt == "error":
-                    raise ConfigError(f"cannot read image {path} ({type(exc).__name__}): remove or replace it, or "
-                                      f"set data.init_args.on_corrupt: skip") from None
+                    raise ConfigError(f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:120]}): remove "
+                                      f"or replace it, or set data.init_args.on_corrupt: skip") from None
                 if path not in self.skipped:
                     self.skipped.append(path)
                     warnings.warn(f"skipped unreadable image {path} ({type(exc).__name__}); {len(self.skipped)} "
                                   f"skipped so far in this loader process", stacklevel=2)
+                continue
+            with seeded_rng(index):  # training: augmentation seeded by (seed, epoch, index)
+                image = self.transform(image) if self.transform is not None else image
+            return image, (self.target_transform(target) if self.target_transform is not None else target)
         raise ConfigError(f"no readable image in {self.root}: check the files")
 
 
 class ImageFolderDataModule(BaseDataModule):
     """Train/val image folders. Training: timm's RandAugment (``auto_augment``), colour jitter, random erasing
     (``re_prob``), bicubic random-resized crops; evaluation: resize to ``img_size / crop_pct`` and centre crop
-    (224/256 as the official recipe). ``on_corrupt``: ``skip`` (warn and count) or ``error``."""
+    (224/256 as the official recipe). ``on_corrupt``: ``skip`` (warn and count) or ``error``, for any image the
+    decoder cannot read and any image of more than ``max_image_pixels`` pixels (default: PIL's own limit, 89.5 M;
+    ``null``: no limit)."""
 
     def __init__(self, data_dir: str = "data/imagenet", img_size: ImgSize = 224, batch_size: int = 128,
                  train_dir: str = "train", val_dir: str = "val", auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
                  color_jitter: float = 0.4, re_prob: float = 0.25, re_mode: str = "pixel",
                  interpolation: str = "bicubic", crop_pct: float = 224 / 256, on_corrupt: str = "skip",
                  num_workers: int = 8, pin_memory: bool = True, persistent_workers: bool = True, seed: int = 0,
-                 eval_batch_size: Optional[int] = None):
+                 eval_batch_size: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers, seed=seed, eval_batch_size=eval_batch_size)
         if on_corrupt not in ("skip", "error"):
             raise ConfigError(f"on_corrupt={on_corrupt!r} is unknown: use skip or error")
+        if max_image_pixels is not None and int(max_image_pixels) < 1:
+            raise ConfigError(f"max_image_pixels={max_image_pixels} must be >= 1 (or null: no limit)")
+        self.max_image_pixels = max_image_pixels
         if not 0.0 < crop_pct <= 1.0:
             raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1] (0.875 is 224/256)")
         self.data_dir = Path(data_dir)
@@ -123,8 +200,10 @@ class ImageFolderDataModule(BaseDataModule):
         if self.train_set is not None:
             return
         self.classes = self.check()
-        self.train_set = SafeImageFolder(str(self.data_dir / self.train_dir), self.transforms(True), self.on_corrupt)
-        val = SafeImageFolder(str(self.data_dir / self.val_dir), self.transforms(False), self.on_corrupt)
+        self.train_set = SafeImageFolder(str(self.data_dir / self.train_dir), self.transforms(True), self.on_corrupt,
+                                         self.max_image_pixels)
+        val = SafeImageFolder(str(self.data_dir / self.val_dir), self.transforms(False), self.on_corrupt,
+                              self.max_image_pixels)
         # label by the training classes even if val holds a subset
         index = {c: i for i, c in enumerate(self.classes)}
         val.samples = [(p, index[val.classes[t]]) for p, t in val.samples]
