@@ -115,3 +115,29 @@ def test_max_image_pixels_is_the_limit_and_is_checked(tmp_path):
     assert roomy.train_set[0][0].shape == (3, 32, 32)
     with pytest.raises(ConfigError, match="max_image_pixels=0 must be >= 1"):
         ImageFolderDataModule(data_dir=str(root), max_image_pixels=0)
+
+
+def test_a_folder_with_only_train_gets_a_seeded_stratified_validation_split(tmp_path):
+    root = tmp_path / "data"
+    for c, n in (("cat", 10), ("dog", 5), ("emu", 1)):
+        for j in range(n):
+            _image(root / "train" / c / f"{j}.png", color=(j * 20, 0, 0))
+
+    def split(seed, val_split=0.2):
+        dm = ImageFolderDataModule(data_dir=str(root), img_size=32, num_workers=0, seed=seed, val_split=val_split)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dm.setup("fit")
+        assert any("held out for validation" in str(w.message) for w in caught)
+        return dm, {p for p, _ in dm.train_set.samples}, [p for p, _ in dm.val_set.samples]
+
+    dm, train, val = split(0)
+    assert dm.num_classes == 3
+    labels = [t for _, t in dm.val_set.samples]
+    assert labels.count(0) == 2 and labels.count(1) == 1 and labels.count(2) == 0  # 20% of 10, >= 1 of 5, 0 of 1
+    assert not train & set(val) and len(train) + len(val) == 16
+    assert all(("/cat/" in p) == (t == 0) for p, t in dm.val_set.samples)
+    assert "RandomResizedCrop" not in str(dm.val_set.transform)  # evaluation transforms on the held-out images
+    assert split(0)[2] == val and split(1)[2] != val  # the seed decides, and only the seed
+    with pytest.raises(ConfigError, match="val_split=1.0 must be in"):
+        ImageFolderDataModule(data_dir=str(root), val_split=1.0)

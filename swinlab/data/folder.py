@@ -143,14 +143,16 @@ class ImageFolderDataModule(BaseDataModule):
     (``re_prob``), bicubic random-resized crops; evaluation: resize to ``img_size / crop_pct`` and centre crop
     (224/256 as the official recipe). ``on_corrupt``: ``skip`` (warn and count) or ``error``, for any image the
     decoder cannot read and any image of more than ``max_image_pixels`` pixels (default: PIL's own limit, 89.5 M;
-    ``null``: no limit)."""
+    ``null``: no limit). A folder with only ``train/`` (no ``val_dir`` folder) gets a validation split carved from it:
+    ``val_split`` of each class's images (at least one per class with two or more), chosen by ``seed``."""
 
     def __init__(self, data_dir: str = "data/imagenet", img_size: ImgSize = 224, batch_size: int = 128,
                  train_dir: str = "train", val_dir: str = "val", auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
                  color_jitter: float = 0.4, re_prob: float = 0.25, re_mode: str = "pixel",
                  interpolation: str = "bicubic", crop_pct: float = 224 / 256, on_corrupt: str = "skip",
                  num_workers: int = 8, pin_memory: bool = True, persistent_workers: bool = True, seed: int = 0,
-                 eval_batch_size: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+                 eval_batch_size: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 val_split: float = 0.1):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers, seed=seed, eval_batch_size=eval_batch_size)
         if on_corrupt not in ("skip", "error"):
@@ -158,6 +160,10 @@ class ImageFolderDataModule(BaseDataModule):
         if max_image_pixels is not None and int(max_image_pixels) < 1:
             raise ConfigError(f"max_image_pixels={max_image_pixels} must be >= 1 (or null: no limit)")
         self.max_image_pixels = max_image_pixels
+        if not 0.0 < val_split < 1.0:
+            raise ConfigError(f"val_split={val_split} must be in (0, 1): the share of each class's training images "
+                              f"held out for validation when there is no {val_dir}/ folder")
+        self.val_split = float(val_split)
         if not 0.0 < crop_pct <= 1.0:
             raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1] (0.875 is 224/256)")
         self.data_dir = Path(data_dir)
@@ -189,6 +195,8 @@ class ImageFolderDataModule(BaseDataModule):
             raise ConfigError(f"data folder {self.data_dir} does not exist: set data.init_args.data_dir to a folder "
                               f"holding {self.train_dir}/<class>/ and {self.val_dir}/<class>/ image folders")
         train = check_split(self.data_dir / self.train_dir, "training")
+        if not self.has_val_folder():
+            return train
         val = check_split(self.data_dir / self.val_dir, "validation")
         extra = sorted(set(val) - set(train))
         if extra:
@@ -196,10 +204,43 @@ class ImageFolderDataModule(BaseDataModule):
                               f"{self.data_dir / self.train_dir}: use the same class folder names in both")
         return train
 
+    def has_val_folder(self) -> bool:
+        return (self.data_dir / self.val_dir).exists()
+
+    def carve_val(self, samples: List[Tuple[str, int]]) -> Tuple[List[int], List[int]]:
+        """Indices of the training and validation samples: ``val_split`` of each class (at least one image of a class
+        with two or more; a class with one image keeps it for training), drawn with ``seed``."""
+        import torch
+        g = torch.Generator().manual_seed(self.seed)
+        by_class: Dict[int, List[int]] = {}
+        for i, (_, t) in enumerate(samples):
+            by_class.setdefault(t, []).append(i)
+        val: List[int] = []
+        for t in sorted(by_class):
+            idx = by_class[t]
+            n_val = max(1, round(self.val_split * len(idx))) if len(idx) >= 2 else 0
+            order = torch.randperm(len(idx), generator=g).tolist()
+            val += [idx[j] for j in order[:n_val]]
+        chosen = set(val)
+        return [i for i in range(len(samples)) if i not in chosen], sorted(val)
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
         self.classes = self.check()
+        if not self.has_val_folder():
+            train_dir = str(self.data_dir / self.train_dir)
+            train = SafeImageFolder(train_dir, self.transforms(True), self.on_corrupt, self.max_image_pixels)
+            val = SafeImageFolder(train_dir, self.transforms(False), self.on_corrupt, self.max_image_pixels)
+            keep, held = self.carve_val(train.samples)
+            warnings.warn(f"no {self.val_dir}/ folder in {self.data_dir}: {len(held)} of {len(train.samples)} training "
+                          f"images held out for validation ({self.val_split:.0%} of each class, seed {self.seed}; "
+                          f"data.init_args.val_split)", stacklevel=2)
+            for ds, idx in ((train, keep), (val, held)):
+                ds.samples = [ds.samples[i] for i in idx]
+                ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
+            self.train_set, self.val_set = train, val
+            return
         self.train_set = SafeImageFolder(str(self.data_dir / self.train_dir), self.transforms(True), self.on_corrupt,
                                          self.max_image_pixels)
         val = SafeImageFolder(str(self.data_dir / self.val_dir), self.transforms(False), self.on_corrupt,
