@@ -4,18 +4,25 @@ Defaults: TensorBoard logging under ``runs/<name>/version_<n>`` (relative to the
 ModelCheckpoint on ``val/acc1`` plus ``last.ckpt``, per-group LR, throughput/memory/grad-norm/logit-scale scalars,
 position-bias and attention images, and ``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last``
 resumes the newest run of that name in place.
+
+One parser for every command that reads a training config: :func:`build_parser` gives the parser ``fit`` (or
+``validate``/``test``/``predict``) parses with (``--config a.yaml --config b.yaml --trainer.devices 64 ...``, the same
+defaults and sections), built from the same pieces as :class:`SwinlabCLI`'s own, without instantiating anything;
+:func:`compose_config` parses a command line with it, and :func:`parse_config` turns a bad value into one
+:class:`~swinlab.errors.ConfigError` line. ``estimate`` and ``ablate`` read their configs through them.
 """
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..errors import CheckpointError, ConfigError, SwinlabError
 from .callbacks import AttentionImages, ExportBest, ResumeState, TrainingMonitor
@@ -32,22 +39,126 @@ TRAINER_DEFAULTS = {
 }
 
 
-class SwinlabCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": True,
-                             "checkpoint.filename": "epoch{epoch:03d}-acc1_{val/acc1:.4f}",
-                             "checkpoint.auto_insert_metric_name": False})
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.add_lightning_class_args(TrainingMonitor, "monitor")
-        parser.add_lightning_class_args(AttentionImages, "attention_images")
-        parser.add_lightning_class_args(ExportBest, "export")
-        parser.add_lightning_class_args(ResumeState, "resume")
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
-        parser.add_argument("--threads", type=Optional[int], default=None,
-                            help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
+# the keyword arguments main() builds SwinlabCLI with (also what build_parser mirrors)
+CLI_KWARGS = dict(subclass_mode_model=True, subclass_mode_data=True, trainer_defaults=TRAINER_DEFAULTS,
+                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                  parser_kwargs={"exit_on_error": False})
 
+
+def _new_parser(**kwargs: Any) -> LightningArgumentParser:
+    """An empty parser with ``-c/--config`` (LightningCLI.init_parser's recipe)."""
+    from jsonargparse import ActionConfigFile
+
+    kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning_version}"])
+    parser = LightningArgumentParser(**kwargs)
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="Path to a configuration file in json or yaml format (repeat to compose; later wins).")
+    return parser
+
+
+def _add_seed_argument(parser: LightningArgumentParser) -> None:
+    parser.add_argument("--seed_everything", type=Union[bool, int], default=True,
+                        help="Set to an int to run seed_everything with this value before classes instantiation. "
+                             "Set to True to use a random seed.")
+
+
+def _add_core_arguments(parser: LightningArgumentParser) -> None:
+    """trainer (with TRAINER_DEFAULTS), model and data: any LightningModule / LightningDataModule by class_path."""
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items() if k != "callbacks"})
+    parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
+
+
+def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
+    """The sections swinlab adds beside trainer/model/data: its callbacks and ``--threads``."""
+    parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+    parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                         "checkpoint.filename": "epoch{epoch:03d}-acc1_{val/acc1:.4f}",
+                         "checkpoint.auto_insert_metric_name": False})
+    parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+    parser.set_defaults({"lr_monitor.logging_interval": "step"})
+    parser.add_lightning_class_args(TrainingMonitor, "monitor")
+    parser.add_lightning_class_args(AttentionImages, "attention_images")
+    parser.add_lightning_class_args(ExportBest, "export")
+    parser.add_lightning_class_args(ResumeState, "resume")
+    parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+    parser.add_argument("--threads", type=Optional[int], default=None,
+                        help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
+
+
+def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgumentParser:
+    """The parser ``python -m swinlab <subcommand>`` reads its configuration with, built and returned unused.
+
+    Same ``--config`` composition, ``--a.b value`` overrides, sections (trainer, model, data, checkpoint, lr_monitor,
+    monitor, attention_images, export, resume, nonfinite, threads, seed_everything, ckpt_path) and defaults
+    (``TRAINER_DEFAULTS``, the checkpoint settings) as :class:`SwinlabCLI`'s parser for that subcommand: both are made
+    by the same functions. Nothing is instantiated. ``parser_kwargs`` go to ``LightningArgumentParser`` (default
+    ``exit_on_error=False``: bad input raises ``jsonargparse.ArgumentError``; :func:`parse_config` makes it one line).
+    """
+    methods = LightningCLI.subcommands()
+    if subcommand not in methods:
+        raise ValueError(f"unknown subcommand {subcommand!r}: one of {', '.join(methods)}")
+    parser_kwargs.setdefault("exit_on_error", False)
+    parser = _new_parser(**parser_kwargs)
+    _add_seed_argument(parser)
+    _add_core_arguments(parser)
+    _add_swinlab_arguments(parser)
+    parser.add_method_arguments(Trainer, subcommand, skip=set(methods[subcommand]))
+    return parser
+
+
+def parse_config(parser, args: Sequence[str], command: str):
+    """``parser.parse_args(args)``; a bad file, key or value raises ConfigError with one line naming it (``command``:
+    the ``python -m swinlab`` command the message points to for ``--help``). ``--help``/``--print_config`` exit."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(list(args))
+    except ArgumentError as exc:
+        raise config_error(exc, command) from None
+
+
+def compose_config(args: Sequence[str], subcommand: str = "fit", command: Optional[str] = None):
+    """The config ``python -m swinlab <subcommand> <args>`` would run with (a jsonargparse Namespace; ``.as_dict()``
+    for plain dicts), composed and validated against the classes' signatures, nothing instantiated."""
+    return parse_config(build_parser(subcommand), args, command or subcommand)
+
+
+class SwinlabCLI(LightningCLI):
+    """LightningCLI with swinlab's sections and checks. Its parsers come from the same functions as
+    :func:`build_parser` (the hooks below), so ``estimate``/``ablate`` read configs exactly as ``fit`` does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.ckpt_path_in_use: Optional[str] = None
+        try:
+            super().__init__(*args, **kwargs)
+        except RuntimeError as exc:
+            msg = str(exc)
+            if "Error(s) in loading state_dict" not in msg or self.ckpt_path_in_use is None:
+                raise
+            details = [ln.strip() for ln in msg.splitlines()[1:] if ln.strip()]
+            first = details[0][:200] if details else "keys or shapes differ"
+            raise CheckpointError(f"--ckpt_path {self.ckpt_path_in_use} does not fit the model ({first}): resume "
+                                  f"with the config it was trained with, or start from its weights with "
+                                  f"model.init_args.checkpoint (a new head or size is then allowed)") from None
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return _new_parser(**kwargs)
+
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _add_seed_argument(parser)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _add_core_arguments(parser)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _add_swinlab_arguments(parser)
+
+    # Private on purpose: Lightning has no public hook between parsing and instantiation that may replace the config
+    # from the checkpoint (LightningCLI.__init__ calls this one right after parse_arguments). Overriding it is the
+    # only way to read --ckpt_path safely (no pickle) and name a bad file in one line. tests/test_lightning_private.py
+    # guards it: it fails if Lightning renames or stops calling _parse_ckpt_path.
     def _parse_ckpt_path(self) -> None:
         """Lightning's version reads the checkpoint's hyperparameters into the config; this one reads the file with
         ``swinlab.training.checkpoint_io.load_checkpoint_file`` (a pickle payload is refused and never runs) and names a
@@ -111,6 +222,11 @@ class SwinlabCLI(LightningCLI):
             from .checkpoint_io import check_checkpoint_folder
             check_checkpoint_folder(ckpt)  # FSDP2 / DeepSpeed folders: their libraries unpickle what they hold
 
+    def after_instantiate_classes(self) -> None:
+        # from here on the subcommand runs: a state-dict mismatch now comes from loading --ckpt_path (see __init__)
+        if self.subcommand is not None:
+            self.ckpt_path_in_use = self.config[self.subcommand].get("ckpt_path")
+
     @staticmethod
     def _checkpointing_off(cfg) -> None:
         """``--trainer.enable_checkpointing false``: Lightning refuses a ModelCheckpoint next to it, and the CLI always
@@ -126,20 +242,6 @@ class SwinlabCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         attach_safe_checkpoint_io(trainer)
         return trainer
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except RuntimeError as exc:
-            msg = str(exc)
-            if "Error(s) in loading state_dict" not in msg:
-                raise
-            ckpt = self.config[subcommand].get("ckpt_path")
-            details = [ln.strip() for ln in msg.splitlines()[1:] if ln.strip()]
-            first = details[0][:200] if details else "keys or shapes differ"
-            raise CheckpointError(f"--ckpt_path {ckpt} does not fit the model ({first}): resume with the config it was "
-                                  f"trained with, or start from its weights with model.init_args.checkpoint (a new "
-                                  f"head or size is then allowed)") from None
 
     @staticmethod
     def _resolve_last(cfg) -> None:
@@ -179,8 +281,8 @@ def attach_safe_checkpoint_io(trainer) -> bool:
     strategy = trainer.strategy
     if type(strategy) not in (SingleDeviceStrategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
         return False
-    current = getattr(strategy, "_checkpoint_io", None)
-    if current is not None and type(current) is not TorchCheckpointIO:
+    current = strategy.checkpoint_io  # a strategy without one gets Lightning's default TorchCheckpointIO here
+    if type(current) is not TorchCheckpointIO:
         return isinstance(current, SafeCheckpointIO)
     strategy.checkpoint_io = SafeCheckpointIO()
     return True
@@ -219,6 +321,15 @@ def _swinlab_cause(exc: BaseException) -> Optional[SwinlabError]:
     return None
 
 
+def config_error(exc: BaseException, command: str) -> SwinlabError:
+    """A parser error as one line: the swinlab error behind it, or the key path and the reason plus where to look."""
+    cause = _swinlab_cause(exc)
+    if cause is not None:
+        return type(cause)(_one_line(cause))
+    return ConfigError(f"invalid configuration: {parser_message(exc)} (see `python -m swinlab {command} --help` "
+                       f"or --print_config for the accepted keys)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a LightningCLI subcommand; bad settings raise ConfigError with one line naming the problem."""
     from jsonargparse import ArgumentError
@@ -230,15 +341,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # without a subcommand and rank 0 would wait for them forever.
     sys.argv = [sys.argv[0], *argv]
     try:
-        SwinlabCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
-                   auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False})
+        SwinlabCLI(LightningModule, LightningDataModule, **CLI_KWARGS)
     except ArgumentError as exc:
-        cause = _swinlab_cause(exc)
-        if cause is not None:
-            raise type(cause)(_one_line(cause)) from None
-        raise ConfigError(f"invalid configuration: {parser_message(exc)} (see `python -m swinlab {argv[0]} --help` "
-                          f"or --print_config for the accepted keys)") from None
+        raise config_error(exc, argv[0] if argv else "fit") from None
     except SwinlabError as exc:
         raise type(exc)(_one_line(exc)) from None
     except Exception as exc:
