@@ -10,7 +10,7 @@ import yaml
 
 import swinlab
 from swinlab.errors import ConfigError
-from swinlab.training.cli import TRAINER_DEFAULTS, SwinlabCLI, main
+from swinlab.training.cli import build_parser, main
 from swinlab.training.preflight import check_chunk_size, check_config, check_run, strategy_family, valid_chunk_sizes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,29 +26,15 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
-class _Parser(Exception):
-    pass
-
-
-class _GrabParser(SwinlabCLI):
-    """The CLI's own parser (same arguments, defaults and subcommands), built once for the whole cross product."""
-
-    def parse_arguments(self, parser, args):
-        raise _Parser(parser)
-
-
 @pytest.fixture(scope="module")
 def parser():
-    from lightning.pytorch import LightningDataModule, LightningModule
-    with pytest.raises(_Parser) as got:
-        _GrabParser(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=[],
-                    trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
-                    auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False})
-    return got.value.args[0]
+    """``fit``'s own parser (same arguments and defaults; swinlab.training.cli.build_parser), built once for the whole
+    cross product."""
+    return build_parser("fit")
 
 
 def _print_config(parser, *configs):
-    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
+    args = [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         parser.parse_args(args)
@@ -158,12 +144,12 @@ def test_check_config_accepts(cfg):
 
 def test_check_config_on_parsed_cli_config(parser):
     """check_config takes the CLI's parsed Namespace (as ``before_instantiate_classes`` sees it)."""
-    args = ["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--config",
+    args = ["--config", str(ROOT / "experiments" / "quickstart.yaml"), "--config",
             str(ROOT / "experiments" / "strategy" / "zero2.yaml")]
     cfg = parser.parse_args(args)
     with pytest.raises(ConfigError, match="DeepSpeed needs CUDA"):
-        check_config(cfg["fit"])
-    check_config(parser.parse_args(args[:3])["fit"])
+        check_config(cfg)
+    check_config(parser.parse_args(args[:2]))
 
 
 def test_valid_chunk_sizes():
@@ -251,11 +237,11 @@ def test_bad_scale_settings_are_one_line_through_the_cli(tmp_path, monkeypatch, 
 
 def test_estimator_reports_the_configured_strategy(monkeypatch):
     monkeypatch.chdir(ROOT)  # the DeepSpeed JSON paths in the strategy files are relative to the repo root
-    from swinlab.tools.estimate import estimate, load_configs
+    from swinlab.tools.estimate import estimate, read_config
     exp = str(ROOT / "experiments" / "v2_g.yaml")
     names = {}
     for s in ("ddp", "fsdp2", "fsdp2_offload", "zero3", "zero2_offload", "zero3_offload", "fsdp1"):
-        r = estimate(load_configs([exp, str(ROOT / "experiments" / "strategy" / f"{s}.yaml")]))
+        r = estimate(read_config(["--config", exp, "--config", str(ROOT / "experiments" / "strategy" / f"{s}.yaml")]))
         names[s] = r["strategy"]
         assert r["params"] > 2.5e9
     assert names["ddp"] == "ddp" and names["zero3"] == "deepspeed_stage_3"

@@ -6,6 +6,9 @@ keeps 4 + 4 + 8). ZeRO-1 shards the optimizer state (and fp32 master) over the d
 gradients, ZeRO-3 and FSDP (full shard) also the weights; optimizer offload moves the sharded optimizer state to
 host memory, parameter offload the sharded weights as well.
 
+The config is read by ``fit``'s own parser (``swinlab.training.cli.build_parser``): the same ``--config`` files, in
+the same order, and the same ``--a.b value`` overrides (``--trainer.devices 64``), with the same defaults and checks.
+
 Activations are measured, not guessed: one forward pass of the model on the meta device (no memory, no compute)
 with a saved-tensor hook that adds up every tensor autograd keeps for backward, once plainly and once per block
 (for activation checkpointing: what stays is each block's input plus the largest single block's activations
@@ -14,7 +17,6 @@ while it is recomputed). On the meta device attention runs the explicit path, so
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any, Dict, List, Optional
 
@@ -22,33 +24,24 @@ import torch
 
 from ..errors import ConfigError
 from ..models import create_model
-from .yamlio import load_yaml
+from ..training.cli import build_parser, parse_config
 
 MIXED = ("bf16-mixed", "16-mixed", "bf16", "16", "fp16", "bf16-true", "16-true")
-
-
-def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_configs(paths: List[str]) -> Dict[str, Any]:
-    """Merge LightningCLI yaml files the way ``--config a --config b`` composes them (later wins)."""
-    merged: Dict[str, Any] = {}
-    for p in paths:
-        data = load_yaml(p) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {p} is not a mapping of sections (model:, data:, trainer:)")
-        merged = _deep_merge(merged, data)
-    return merged
 
 
 def _init_args(section: Any) -> Dict[str, Any]:
     if isinstance(section, dict):
         return dict(section.get("init_args", section))
     return {}
+
+
+def _device_count(devices: Any) -> int:
+    """Trainer ``devices`` as a count: a list of ids, an int, or a string of one ("64"); "auto" / -1 count as 1."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 def strategy_name(strategy: Any) -> str:
@@ -136,6 +129,7 @@ def activation_bytes(model: torch.nn.Module, img_size, dtype: torch.dtype) -> Di
 
 
 def estimate(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-GPU figures for a composed config (``read_config``'s result, or any dict of the same sections)."""
     model_args = _init_args(config.get("model"))
     data_args = _init_args(config.get("data"))
     trainer = config.get("trainer", {}) or {}
@@ -147,15 +141,12 @@ def estimate(config: Dict[str, Any]) -> Dict[str, Any]:
     checkpointing = bool(kwargs.pop("grad_checkpointing", False))  # measured both ways below
     if model_args.get("num_classes") is not None:
         kwargs.setdefault("num_classes", model_args["num_classes"])
-    precision = str(trainer.get("precision", "32-true"))
+    precision = str(trainer.get("precision") or "32-true")
     dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
     with torch.device("meta"):
         model = create_model(name, **kwargs).train().to(dtype)
     params = sum(p.numel() for p in model.parameters())
-    devices = trainer.get("devices", 1)
-    if isinstance(devices, list):
-        devices = len(devices)
-    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    devices = _device_count(trainer.get("devices", 1))
     nodes = int(trainer.get("num_nodes", 1) or 1)
     world = devices * nodes
     batch = int(data_args.get("batch_size", 1) or 1)
@@ -191,15 +182,29 @@ def format_markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def build_estimate_parser():
+    """``fit``'s parser plus ``--json``: what ``python -m swinlab estimate`` accepts."""
+    parser = build_parser("fit", prog="python -m swinlab estimate",
+                          description="Per-GPU memory of a training config under DDP, ZeRO and FSDP: the same "
+                                      "--config files and --a.b value overrides as `python -m swinlab fit`.")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    return parser
+
+
+def read_config(args: List[str]) -> Dict[str, Any]:
+    """``--config a.yaml --config b.yaml --trainer.devices 64 ...`` composed exactly as ``fit`` composes it (a plain
+    dict of sections); bad input raises ConfigError with one line."""
+    cfg = parse_config(build_estimate_parser(), args, "estimate").as_dict()
+    cfg.pop("json", None)
+    return cfg
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(argv or [])
     if argv and argv[0] == "estimate":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="python -m swinlab estimate",
-                                     description="Per-GPU memory of a training config under DDP, ZeRO and FSDP.")
-    parser.add_argument("--config", action="append", required=True, help="experiment yaml (repeat to compose)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    result = estimate(load_configs(args.config))
-    print(json.dumps(result) if args.json else format_markdown(result))
+    cfg = parse_config(build_estimate_parser(), argv, "estimate").as_dict()
+    as_json = bool(cfg.pop("json"))
+    result = estimate(cfg)
+    print(json.dumps(result) if as_json else format_markdown(result))
     return 0
