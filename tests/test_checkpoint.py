@@ -15,7 +15,7 @@ from timm.models import swin_transformer as timm_v1
 from timm.models import swin_transformer_v2 as timm_v2
 
 from swinlab.errors import CheckpointError
-from swinlab.models import create_model, read_checkpoint, save_safetensors
+from swinlab.models import SwinConfig, create_model, read_checkpoint, save_safetensors
 
 
 def to_official(state_dict, model):
@@ -52,7 +52,7 @@ def test_v2_transfer_256w8_to_384w12_equals_timm_with_pretrained_window_8(tmp_pa
     path = tmp_path / "v2t.pth"
     torch.save(src.state_dict(), path)
     ours = create_model("swinv2_tiny_window8_256", checkpoint=str(path), img_size=384, window_size=12)
-    assert ours.config["pretrained_window_size"] == [[8, 8]] * 4
+    assert ours.config.pretrained_window_size == [[8, 8]] * 4
     assert [b.window for b in ours.blocks()][::2] == [(12, 12)] * 6
     ref = timm.create_model("swinv2_tiny_window8_256", img_size=384, window_size=12, pretrained_window_sizes=(8,) * 4)
     ref.load_state_dict(src.state_dict())
@@ -73,7 +73,7 @@ def test_v2_transfer_from_a_small_size_uses_the_clamped_source_windows(tmp_path)
     assert [b.window for b in src.blocks()][::2] == [(4, 4), (4, 4), (2, 2), (1, 1)]
     path = save_safetensors(src, tmp_path / "small.safetensors", "swinv2_pico_patch2_window4_32")
     big = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path), img_size=64, window_size=8)
-    assert big.config["pretrained_window_size"] == [[4, 4], [4, 4], [2, 2], [1, 1]]
+    assert big.config.pretrained_window_size == [[4, 4], [4, 4], [2, 2], [1, 1]]
     assert torch.equal(big.layers[2].blocks[0].attn.cpb_mlp[0].weight, src.layers[2].blocks[0].attn.cpb_mlp[0].weight)
 
 
@@ -103,14 +103,62 @@ def test_swinlab_and_lightning_checkpoints_round_trip(tmp_path):
     st = save_safetensors(src, tmp_path / "w.safetensors", "swinv2_pico_patch2_window4_32")
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}, "global_step": 3,
-                "swinlab": {"model": "swinv2_pico_patch2_window4_32", "config": src.config}}, ckpt)
+                "swinlab": {"model": "swinv2_pico_patch2_window4_32", "config": src.config.to_dict()}}, ckpt)
     for path in (st, ckpt):
         sd, meta = read_checkpoint(path)
-        assert meta["config"]["num_classes"] == 7
+        assert meta["config"].num_classes == 7
         loaded = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path)).eval()
         assert loaded.num_classes == 7
         with torch.no_grad():
             assert torch.allclose(loaded(x), want, atol=1e-6)
+
+
+# the metadata swinlab wrote before SwinConfig existed (the model.config dict, json.dumps'ed), for a V2 pico moved to
+# 64 px / window 8 with 7 classes: files written then must load with the same geometry
+OLD_METADATA = (
+    '{"img_size": [64, 64], "patch_size": 2, "in_chans": 3, "num_classes": 7, "embed_dim": 16, "depths": [2, 2, 2, 2], '
+    '"num_heads": [1, 2, 4, 8], "window_size": [[8, 8], [8, 8], [8, 8], [8, 8]], "mlp_ratio": 4.0, "version": "v2", '
+    '"norm_placement": "res_post", "attention": "cosine", "position_bias": "cpb_log", "qkv_bias": "qv", '
+    '"merge_order": "reduce_norm", "extra_norm_period": 0, "pretrained_window_size": [[4, 4], [4, 4], [2, 2], [1, 1]], '
+    '"drop_rate": 0.0, "proj_drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0, "fused_attn": false, '
+    '"attn_chunk_size": 0, "grad_checkpointing": true}')
+
+
+def test_metadata_written_before_swinconfig_still_loads(tmp_path):
+    from safetensors.torch import save_file
+    name = "swinv2_pico_patch2_window4_32"
+    src = randomize_(create_model(name, img_size=64, window_size=8, num_classes=7,
+                                  pretrained_window_size=[[4, 4], [4, 4], [2, 2], [1, 1]])).eval()
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path),
+              metadata={"format": "pt", "swinlab_model": name, "swinlab_config": OLD_METADATA})
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()},
+                "swinlab": {"model": name, "config": json.loads(OLD_METADATA)}}, ckpt)
+    x = torch.randn(1, 3, 64, 64)
+    for file in (path, ckpt):
+        _, meta = read_checkpoint(file)
+        assert meta["model"] == name and meta["config"] == SwinConfig.from_dict(json.loads(OLD_METADATA))
+        loaded = create_model(name, checkpoint=str(file)).eval()
+        # the saved geometry, the caller's runtime switches (fused_attn / grad_checkpointing are not the file's)
+        assert loaded.config == src.config
+        with torch.no_grad():
+            assert torch.equal(loaded(x), src(x))
+    # and what swinlab writes now is that same dict
+    new = save_safetensors(src, tmp_path / "new.safetensors", name)
+    from safetensors import safe_open
+    with safe_open(str(new), framework="pt") as f:
+        assert json.loads(f.metadata()["swinlab_config"]) == {**json.loads(OLD_METADATA), "fused_attn": True,
+                                                              "grad_checkpointing": False}
+
+
+def test_metadata_that_is_not_a_model_config_is_one_line(tmp_path):
+    ckpt = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": create_model("v1_pico").state_dict(),
+                "swinlab": {"model": "swin_pico_patch2_window4_32", "config": {"img_size": 32, "colour": "red"}}}, ckpt)
+    with pytest.raises(CheckpointError, match="not a model config .*colour") as e:
+        create_model("v1_pico", checkpoint=str(ckpt))
+    assert "\n" not in str(e.value)
 
 
 def test_fine_tune_head_is_reinitialised_when_num_classes_changes(tmp_path):
@@ -184,7 +232,7 @@ def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
     assert info["img_size"] == [64, 64] and info["window_size"][0] == 8
     direct = create_model("swin_pico_patch2_window4_32", checkpoint=str(official), img_size=64, window_size=8).eval()
     reloaded = create_model("swin_pico_patch2_window4_32", checkpoint=str(out)).eval()  # geometry from metadata
-    assert reloaded.config["img_size"] == [64, 64]
+    assert reloaded.config.img_size == [64, 64]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(direct(x), reloaded(x))

@@ -204,7 +204,7 @@ def test_sdpa_runs_a_fused_kernel_not_the_math_fallback(name, dtype, say):
     import swinlab
 
     model = swinlab.create_model(name, num_classes=10, drop_path_rate=0.0).cuda()
-    size = model.config["img_size"][0]
+    size = model.config.img_size[0]
     x = torch.randn(2, 3, size, size, device="cuda")
     n_blocks = len(model.blocks())
     dt = DTYPES[dtype]

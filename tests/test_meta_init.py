@@ -140,7 +140,7 @@ def test_materialised_model_recomputes_buffers_and_runs(name, kwargs):
     masks = [blk.attn_mask for blk in empty.blocks() if blk.attn_mask is not None]
     assert masks and all(float(m.min()) == -100.0 for m in masks)
     empty.load_state_dict(randomize_(eager).state_dict())
-    size = eager.config["img_size"]
+    size = eager.config.img_size
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         out = empty.eval()(x)
@@ -390,9 +390,9 @@ def _fsdp2_worker(out: pathlib.Path) -> None:
     other = [torch.empty_like(local) for _ in range(2)]
     dist.all_gather(other, local)
     result["shards_differ"] = not torch.equal(other[0], other[1])
-    full = type(task.model)(**task.model.config)  # eager reference on each rank
+    full = type(task.model)(task.model.config)  # eager reference on each rank
     sharded = {k: v.full_tensor() for k, v in task.model.state_dict().items()}
-    empty = type(full)(**full.config)
+    empty = type(full)(full.config)
     empty.load_state_dict(sharded)
     _assert_same_distribution(full, empty)
     result["buffers_equal"] = all(torch.equal(b, dict(full.named_buffers())[n]) for n, b in task.model.named_buffers())

@@ -94,7 +94,7 @@ def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
     assert "train/loss" in events.Tags()["scalars"] and "val/loss" in events.Tags()["scalars"]
 
     enc, meta = read_checkpoint(exported)
-    assert meta["config"]["num_classes"] == 0 and "head.fc.weight" not in enc
+    assert meta["config"].num_classes == 0 and "head.fc.weight" not in enc
     ckpt, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")  # 'encoder.' prefix stripped
     assert "mask_token" not in ckpt and all(torch.equal(enc[k], ckpt[k]) for k in enc)
 
@@ -106,7 +106,7 @@ def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
     clf = ImageClassifier(model_name="swinv2_pico_patch2_window4_32", num_classes=10, checkpoint=str(exported),
                           model_kwargs={"img_size": 32, "window_size": 8}, layer_decay=0.9)
     sd = clf.model.state_dict()
-    assert clf.model.config["pretrained_window_size"][0] == [4, 4]
+    assert clf.model.config.pretrained_window_size[0] == [4, 4]
     assert [b.window for b in clf.model.blocks()][0] == (8, 8)
     for k, v in enc.items():
         assert torch.equal(sd[k], v), k

@@ -50,7 +50,7 @@ def test_v1_bias_table_not_decayed():
 
 def test_layer_decay_scales():
     model = create_model("swinv2_pico_patch2_window4_32", num_classes=10)
-    depths = model.config["depths"]
+    depths = model.config.depths
     total = sum(depths) + 1
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
     where = _group_of(groups)

@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from .config import SwinConfig
+from .registry import REGISTRY
 from .swin import SwinTransformer, stage_geometry
 
 BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table", "k_bias")
@@ -29,7 +31,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read a checkpoint file into (backbone state_dict with its prefix removed, swinlab metadata)."""
+    """Read a checkpoint file into (backbone state_dict with its prefix removed, swinlab metadata). The metadata of a
+    swinlab safetensors file or Lightning checkpoint is ``{"model": registry name, "config": SwinConfig}``; other
+    files have none (``{}``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
@@ -49,7 +53,20 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
         obj = safe_torch_load(path)
         if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):
             meta = dict(obj["swinlab"])
+    if "config" in meta:
+        meta["config"] = _saved_config(meta["config"], path)
     return _unwrap(obj, path), meta
+
+
+def _saved_config(saved: Any, path: Path) -> Optional[SwinConfig]:
+    """The model config in swinlab metadata (``SwinConfig.to_dict``: the model's config keys), None if empty."""
+    if not saved:
+        return None
+    try:
+        return SwinConfig.from_dict(saved)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path} has swinlab metadata that is not a model config ({_first_line(exc)}): "
+                              f"re-export it, or load its weights by name without the metadata") from None
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -154,19 +171,19 @@ def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 def fitting_variants(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     """Registry names whose architecture matches the state dict (same window first for V1)."""
-    from .registry import REGISTRY
     try:
         arch = describe_state_dict(state_dict)
     except Exception:
         return []
     hits = [v for v in REGISTRY.values()
-            if v.version == arch["version"] and v.embed_dim == arch["embed_dim"] and v.patch_size == arch["patch_size"]
-            and list(v.depths) == arch["depths"] and (not arch["num_heads"] or list(v.num_heads) == arch["num_heads"])]
-    hits.sort(key=lambda v: v.window_size != arch["window"])
+            if v.config.version == arch["version"] and v.config.embed_dim == arch["embed_dim"]
+            and v.config.patch_size == arch["patch_size"] and list(v.config.depths) == arch["depths"]
+            and (not arch["num_heads"] or list(v.config.num_heads) == arch["num_heads"])]
+    hits.sort(key=lambda v: v.config.window_size != arch["window"])
     return [v.name for v in hits]
 
 
-def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor], *, source: Dict[str, Any],
+def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor], *, source: SwinConfig,
                     checkpoint: str = "checkpoint", reset_head: bool = False) -> None:
     """Load weights saved at ``source`` geometry into ``model`` (possibly another size/window)."""
     sd = remap_state_dict(state_dict)
@@ -192,7 +209,7 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
 
     n = len(model.layers)
     try:
-        src_geo = stage_geometry(source["img_size"], source["patch_size"], source["window_size"], n)
+        src_geo = stage_geometry(source.img_size, source.patch_size, source.window_size, n)
     except Exception:
         src_geo = None
     for k in list(sd):
@@ -233,7 +250,7 @@ def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name
     path.parent.mkdir(parents=True, exist_ok=True)
     name = model_name or getattr(model, "variant_name", None) or ""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "swinlab_model": name, "swinlab_config": json.dumps(model.config)}
+    meta = {"format": "pt", "swinlab_model": name, "swinlab_config": json.dumps(model.config.to_dict())}
     meta.update(extra_metadata or {})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)

@@ -15,10 +15,10 @@ def model_macs(model: SwinTransformer, img_size: Optional[Union[int, Sequence[in
     """Multiply-adds per image for one forward pass."""
     cfg = model.config
     H, W = to_2tuple(img_size) if img_size is not None else model.img_size
-    p = cfg["patch_size"]
+    p = cfg.patch_size
     h, w = H // p, W // p
-    dims = [int(cfg["embed_dim"] * 2 ** i) for i in range(len(cfg["depths"]))]
-    macs = h * w * dims[0] * cfg["in_chans"] * p * p
+    dims = cfg.stage_dims()
+    macs = h * w * dims[0] * cfg.in_chans * p * p
     for i, stage in enumerate(model.layers):
         C = dims[i]
         if i > 0:
@@ -30,11 +30,12 @@ def model_macs(model: SwinTransformer, img_size: Optional[Union[int, Sequence[in
             n = wh * ww
             macs += hp * wp * 4 * C * C  # qkv + proj (on padded windows)
             macs += 2 * hp * wp * n * C  # q k^T and attn v
-            macs += int(2 * h * w * C * C * cfg["mlp_ratio"])
-            if cfg["position_bias"].startswith("cpb"):
+            macs += int(2 * h * w * C * C * cfg.mlp_ratio)
+            if cfg.position_bias.startswith("cpb"):
                 macs += (2 * wh - 1) * (2 * ww - 1) * (2 * 512 + 512 * blk.attn.num_heads)
-    macs += dims[-1] * max(cfg["num_classes"], 0)
+    macs += dims[-1] * max(cfg.num_classes, 0)
     return macs
+
 
 
 def training_flops(model: SwinTransformer, img_size=None) -> float:

@@ -1,83 +1,73 @@
-"""Named Swin variants (timm's names wherever timm has the architecture) and ``create_model``."""
+"""Named Swin variants (timm's names wherever timm has the architecture), their aliases and parameter counts."""
 from __future__ import annotations
 
 import difflib
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from .swin import PRESETS, SwinTransformer, per_stage, stage_geometry
+from ..errors import ConfigError
+from .config import SwinConfig
+from .swin import SwinTransformer
 
 
 @dataclass(frozen=True)
 class Variant:
+    """A registered model: its name and its config, as written here (sizes and windows as single ints)."""
     name: str
-    version: str
-    embed_dim: int
-    depths: Tuple[int, ...]
-    num_heads: Tuple[int, ...]
-    window_size: int
-    img_size: int
-    patch_size: int = 4
-    pretrained_window_size: Tuple[int, ...] = (0, 0, 0, 0)
-    extra_norm_period: int = 0
-    drop_path_rate: float = 0.1
-    description: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    def model_kwargs(self) -> Dict[str, Any]:
-        kw = dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
-                  depths=list(self.depths), num_heads=list(self.num_heads), window_size=self.window_size,
-                  version=self.version, extra_norm_period=self.extra_norm_period,
-                  pretrained_window_size=list(self.pretrained_window_size), drop_path_rate=self.drop_path_rate)
-        kw.update(self.extra)
-        return kw
+    config: SwinConfig
 
 
-_T, _S, _B, _L = (2, 2, 6, 2), (2, 2, 18, 2), (2, 2, 18, 2), (2, 2, 18, 2)
-_HT, _HB, _HL = (3, 6, 12, 24), (4, 8, 16, 32), (6, 12, 24, 48)
+# embed_dim, depths, num_heads of the paper sizes
+_SIZES: Dict[str, Tuple[int, Tuple[int, ...], Tuple[int, ...]]] = {
+    "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+}
+# drop path as the official ImageNet-1k configs (224 / 256 px); the 192 px and 384 px models use 0.2
+_DROP_PATH = {"tiny": 0.2, "small": 0.3, "base": 0.5, "large": 0.2}
 
+
+def _paper(name: str, version: str, size: str, window: int, img: int, drop_path: float, **kw: Any) -> Variant:
+    embed_dim, depths, num_heads = _SIZES[size]
+    return Variant(name, SwinConfig(img_size=img, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
+                                    window_size=window, version=version, drop_path_rate=drop_path, **kw))
+
+
+def _test_size(name: str, version: str, embed_dim: int, depths: Tuple[int, ...], **kw: Any) -> Variant:
+    """4 stages, heads 1-2-4-8, window 4 on 32 px images in 2 px patches, no drop path: CPU-sized."""
+    return Variant(name, SwinConfig(img_size=32, patch_size=2, embed_dim=embed_dim, depths=depths,
+                                    num_heads=(1, 2, 4, 8), window_size=4, version=version, drop_path_rate=0.0,
+                                    **kw))
+
+
+_PRETRAINED_12 = dict(pretrained_window_size=(12, 12, 12, 6))  # fine-tuned from the 192 px window-12 models
 _VARIANTS: List[Variant] = [
-    # Swin V1 (timm names); drop path as the official configs
-    Variant("swin_tiny_patch4_window7_224", "v1", 96, _T, _HT, 7, 224, drop_path_rate=0.2),
-    Variant("swin_small_patch4_window7_224", "v1", 96, _S, _HT, 7, 224, drop_path_rate=0.3),
-    Variant("swin_base_patch4_window7_224", "v1", 128, _B, _HB, 7, 224, drop_path_rate=0.5),
-    Variant("swin_large_patch4_window7_224", "v1", 192, _L, _HL, 7, 224, drop_path_rate=0.2),
-    Variant("swin_base_patch4_window12_384", "v1", 128, _B, _HB, 12, 384, drop_path_rate=0.2),
-    Variant("swin_large_patch4_window12_384", "v1", 192, _L, _HL, 12, 384, drop_path_rate=0.2),
+    # Swin V1 (timm names)
+    *(_paper(f"swin_{s}_patch4_window7_224", "v1", s, 7, 224, _DROP_PATH[s]) for s in _SIZES),
+    *(_paper(f"swin_{s}_patch4_window12_384", "v1", s, 12, 384, 0.2) for s in ("base", "large")),
     # Swin V2 (timm names)
-    Variant("swinv2_tiny_window8_256", "v2", 96, _T, _HT, 8, 256, drop_path_rate=0.2),
-    Variant("swinv2_tiny_window16_256", "v2", 96, _T, _HT, 16, 256, drop_path_rate=0.2),
-    Variant("swinv2_small_window8_256", "v2", 96, _S, _HT, 8, 256, drop_path_rate=0.3),
-    Variant("swinv2_small_window16_256", "v2", 96, _S, _HT, 16, 256, drop_path_rate=0.3),
-    Variant("swinv2_base_window8_256", "v2", 128, _B, _HB, 8, 256, drop_path_rate=0.5),
-    Variant("swinv2_base_window16_256", "v2", 128, _B, _HB, 16, 256, drop_path_rate=0.5),
-    Variant("swinv2_base_window12_192", "v2", 128, _B, _HB, 12, 192, drop_path_rate=0.2),
-    Variant("swinv2_base_window12to16_192to256", "v2", 128, _B, _HB, 16, 256, pretrained_window_size=(12, 12, 12, 6),
-            drop_path_rate=0.2),
-    Variant("swinv2_base_window12to24_192to384", "v2", 128, _B, _HB, 24, 384, pretrained_window_size=(12, 12, 12, 6),
-            drop_path_rate=0.2),
-    Variant("swinv2_large_window12_192", "v2", 192, _L, _HL, 12, 192, drop_path_rate=0.2),
-    Variant("swinv2_large_window12to16_192to256", "v2", 192, _L, _HL, 16, 256, pretrained_window_size=(12, 12, 12, 6),
-            drop_path_rate=0.2),
-    Variant("swinv2_large_window12to24_192to384", "v2", 192, _L, _HL, 24, 384, pretrained_window_size=(12, 12, 12, 6),
-            drop_path_rate=0.2),
-    # SwinV2-H / G (paper sec. 3.6): extra LayerNorm every 6 blocks; head dim 32
-    Variant("swinv2_huge_window12_192", "v2", 352, _S, (11, 22, 44, 88), 12, 192, extra_norm_period=6,
-            drop_path_rate=0.2, description="SwinV2-H (heads assumed at head dim 32; not in the released code)"),
-    Variant("swinv2_giant_window12_192", "v2", 512, (2, 2, 42, 4), (16, 32, 64, 128), 12, 192, extra_norm_period=6,
-            drop_path_rate=0.2, description="SwinV2-G, ~3B parameters"),
-    # tiny variants for tests and CPU runs
-    Variant("swin_pico_patch2_window4_32", "v1", 16, (2, 2, 2, 2), (1, 2, 4, 8), 4, 32, patch_size=2,
-            drop_path_rate=0.0, description="test/CPU-sized V1"),
-    Variant("swinv2_pico_patch2_window4_32", "v2", 16, (2, 2, 2, 2), (1, 2, 4, 8), 4, 32, patch_size=2,
-            drop_path_rate=0.0, description="test/CPU-sized V2"),
-    Variant("swinv2_giant_cpu_patch2_window4_32", "v2", 32, (2, 2, 6, 2), (1, 2, 4, 8), 4, 32, patch_size=2,
-            extra_norm_period=6, drop_path_rate=0.0,
-            description="SwinV2-G structure (extra norm every 6 blocks) shrunk for CPU runs"),
+    *(_paper(f"swinv2_{s}_window{w}_256", "v2", s, w, 256, _DROP_PATH[s]) for s in ("tiny", "small", "base")
+      for w in (8, 16)),
+    *(v for s in ("base", "large") for v in (
+        _paper(f"swinv2_{s}_window12_192", "v2", s, 12, 192, 0.2),
+        _paper(f"swinv2_{s}_window12to16_192to256", "v2", s, 16, 256, 0.2, **_PRETRAINED_12),
+        _paper(f"swinv2_{s}_window12to24_192to384", "v2", s, 24, 384, 0.2, **_PRETRAINED_12))),
+    # SwinV2-H / G (paper sec. 3.6): an extra LayerNorm every 6 blocks; heads at head dim 32 (H: assumed, not in the
+    # released code; G: ~3B parameters)
+    Variant("swinv2_huge_window12_192", SwinConfig(
+        img_size=192, embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), window_size=12, version="v2",
+        extra_norm_period=6, drop_path_rate=0.2)),
+    Variant("swinv2_giant_window12_192", SwinConfig(
+        img_size=192, embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), window_size=12, version="v2",
+        extra_norm_period=6, drop_path_rate=0.2)),
+    # test/CPU-sized; the last one has SwinV2-G's structure (an extra norm every 6 blocks)
+    _test_size("swin_pico_patch2_window4_32", "v1", 16, (2, 2, 2, 2)),
+    _test_size("swinv2_pico_patch2_window4_32", "v2", 16, (2, 2, 2, 2)),
+    _test_size("swinv2_giant_cpu_patch2_window4_32", "v2", 32, (2, 2, 6, 2), extra_norm_period=6),
 ]
 REGISTRY: Dict[str, Variant] = {v.name: v for v in _VARIANTS}
 
@@ -107,83 +97,9 @@ def get_variant(name: str) -> Variant:
     raise ConfigError(f"unknown model {name!r}: {hint}(swinlab.list_models() or `python -m swinlab models` lists all)")
 
 
-def source_pretrained_windows(cfg: Dict[str, Any]) -> List[Tuple[int, int]]:
-    """The window each stage's CPB was trained against: its pretrained window if set, else its clamped window."""
-    n = len(cfg["depths"])
-    pretrained = per_stage(cfg.get("pretrained_window_size", 0), n, "pretrained_window_size")
-    geo = stage_geometry(cfg["img_size"], cfg["patch_size"], cfg["window_size"], n)
-    return [p if p[0] > 0 else g["window"] for p, g in zip(pretrained, geo)]
-
-
-ARCH_KEYS = ("patch_size", "embed_dim", "depths", "num_heads", "version", "norm_placement", "attention",
-             "position_bias", "qkv_bias", "merge_order", "extra_norm_period", "mlp_ratio", "in_chans")
-
-
-def create_model(
-        name: str,
-        *,
-        checkpoint: Optional[str] = None,
-        img_size: Optional[Union[int, Sequence[int]]] = None,
-        window_size: Optional[Union[int, Sequence[Any]]] = None,
-        pretrained_window_size: Optional[Union[int, Sequence[Any]]] = None,
-        num_classes: Optional[int] = None,
-        **overrides: Any,
-) -> SwinTransformer:
-    """Build a registry model, optionally loading ``checkpoint`` and moving it to another size/window.
-
-    The name gives the checkpoint's architecture; ``img_size`` / ``window_size`` give the target. With a
-    checkpoint: V1 bias tables are resized bicubically, V2's CPB MLP is re-evaluated with
-    ``pretrained_window_size`` set to the checkpoint's windows (unless given). ``checkpoint`` may be a swinlab
-    safetensors file or Lightning .ckpt, a timm state_dict, or an official microsoft/Swin-Transformer checkpoint.
-    """
-    from .checkpoint import infer_num_classes, load_into_model, read_checkpoint
-
-    variant = get_variant(name)
-    source: Dict[str, Any] = variant.model_kwargs()
-    state_dict = None
-    if checkpoint is not None:
-        state_dict, meta = read_checkpoint(checkpoint)
-        saved = meta.get("config")
-        if saved:  # a swinlab file knows the geometry it was saved at
-            source.update({k: v for k, v in saved.items() if k not in ("fused_attn", "grad_checkpointing",
-                                                                       "attn_chunk_size")})
-            mismatched = [k for k in ("embed_dim", "depths", "num_heads", "version", "patch_size")
-                          if k in saved and saved[k] != variant.model_kwargs().get(k, saved[k])]
-            if mismatched:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint} was saved from {meta.get('model', 'another model')!r}, whose "
-                    f"{', '.join(mismatched)} differ from {name!r}: create it with model={meta.get('model')!r}")
-    target = dict(source)
-    target.update(overrides)
-    if img_size is not None:
-        target["img_size"] = img_size
-    if window_size is not None:
-        target["window_size"] = window_size
-    if num_classes is not None:
-        target["num_classes"] = num_classes
-    elif state_dict is not None:
-        inferred = infer_num_classes(state_dict)
-        if inferred is not None:
-            target["num_classes"] = inferred
-    moved = (img_size is not None or window_size is not None)
-    if pretrained_window_size is not None:
-        target["pretrained_window_size"] = pretrained_window_size
-    elif checkpoint is not None and moved:
-        bias_kind = target.get("position_bias") or PRESETS[target.get("version", "v1")]["position_bias"]
-        if bias_kind.startswith("cpb"):
-            target["pretrained_window_size"] = [list(w) for w in source_pretrained_windows(source)]
-    model = SwinTransformer(**target)
-    model.variant_name = variant.name
-    if state_dict is not None:
-        load_into_model(model, state_dict, source=source, checkpoint=str(checkpoint),
-                        reset_head=num_classes is not None)
-    return model
-
-
 def count_params(name: str, **overrides: Any) -> int:
     """Parameter count without allocating weights (built on the meta device)."""
-    variant = get_variant(name)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = SwinTransformer(**{**variant.model_kwargs(), **overrides})
+        model = SwinTransformer(get_variant(name).config, **overrides)
     return sum(p.numel() for p in model.parameters())

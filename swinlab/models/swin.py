@@ -35,20 +35,10 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from .config import CHOICES as CHOICES  # re-exported: the switches and their presets are defined in config
+from .config import PRESETS as PRESETS
+from .config import Int2, SwinConfig, per_stage, to_2tuple
 
-PRESETS: Dict[str, Dict[str, str]] = {
-    "v1": dict(norm_placement="pre", attention="dot", position_bias="table", qkv_bias="qkv",
-               merge_order="norm_reduce"),
-    "v2": dict(norm_placement="res_post", attention="cosine", position_bias="cpb_log", qkv_bias="qv",
-               merge_order="reduce_norm"),
-}
-CHOICES: Dict[str, Tuple[str, ...]] = {
-    "norm_placement": ("pre", "res_post"),
-    "attention": ("dot", "cosine"),
-    "position_bias": ("table", "cpb_linear", "cpb_log", "none"),
-    "qkv_bias": ("qkv", "qv", "none"),
-    "merge_order": ("norm_reduce", "reduce_norm"),
-}
 MASK_VALUE = -100.0  # the value the reference implementations add between shifted regions
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # V2: tau >= 0.01, so the cosine logits are scaled by at most 100
 CPB_HIDDEN = 512
@@ -56,29 +46,6 @@ CPB_HIDDEN = 512
 # bias SDPA falls back to its math kernel, which is slower than the explicit softmax path (same arithmetic): use the
 # explicit path there. CUDA kernels (memory-efficient attention) take a mask gradient and keep the fused path.
 SDPA_CPU_GRAD_MASK_EXPLICIT = True
-
-Int2 = Tuple[int, int]
-
-
-def to_2tuple(v: Union[int, Sequence[int]]) -> Int2:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ConfigError(f"expected an int or a pair (h, w), got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def per_stage(value: Union[int, Sequence[Any]], num_stages: int, what: str) -> List[Int2]:
-    """Expand an int, an (h, w) pair or one entry per stage into one (h, w) per stage."""
-    if isinstance(value, (tuple, list)) and len(value) == num_stages and num_stages != 2:
-        return [to_2tuple(v) for v in value]
-    if isinstance(value, (tuple, list)) and len(value) == num_stages == 2 and isinstance(value[0], (tuple, list)):
-        return [to_2tuple(v) for v in value]
-    if isinstance(value, (tuple, list)) and len(value) not in (2, num_stages):
-        raise ConfigError(f"{what}={list(value)!r} has {len(value)} entries but the model has {num_stages} "
-                          f"stages: give one int, an (h, w) pair, or one value per stage")
-    return [to_2tuple(value)] * num_stages
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Geometry: windows, shifts, index buffers and masks (computed once per resolution, never per forward)
@@ -535,98 +502,43 @@ class SwinTransformer(nn.Module):
     ablation such as "V1 with log-spaced CPB" is ``SwinTransformer(version="v1", position_bias="cpb_log")``.
     """
 
-    def __init__(
-            self,
-            img_size: Union[int, Sequence[int]] = 224,
-            patch_size: int = 4,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            embed_dim: int = 96,
-            depths: Sequence[int] = (2, 2, 6, 2),
-            num_heads: Sequence[int] = (3, 6, 12, 24),
-            window_size: Union[int, Sequence[Any]] = 7,
-            mlp_ratio: float = 4.0,
-            version: str = "v1",
-            norm_placement: Optional[str] = None,
-            attention: Optional[str] = None,
-            position_bias: Optional[str] = None,
-            qkv_bias: Optional[str] = None,
-            merge_order: Optional[str] = None,
-            extra_norm_period: int = 0,
-            pretrained_window_size: Union[int, Sequence[Any]] = 0,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            fused_attn: bool = True,
-            attn_chunk_size: int = 0,
-            grad_checkpointing: bool = False,
-    ):
+    def __init__(self, config: Optional[SwinConfig] = None, **kwargs: Any):
+        """``SwinTransformer(config)``, ``SwinTransformer(**fields)`` or both (the keyword arguments replace those
+        fields of ``config``): the fields and their defaults are :class:`~swinlab.models.config.SwinConfig`'s."""
         super().__init__()
-        if version not in PRESETS:
-            raise ConfigError(f"version={version!r} is unknown: use one of {sorted(PRESETS)}")
-        switches = dict(PRESETS[version])
-        given = dict(norm_placement=norm_placement, attention=attention, position_bias=position_bias,
-                     qkv_bias=qkv_bias, merge_order=merge_order)
-        switches.update({k: v for k, v in given.items() if v is not None})
-        for key, value in switches.items():
-            if value not in CHOICES[key]:
-                raise ConfigError(f"{key}={value!r} is not a valid choice: use one of {list(CHOICES[key])}")
-        depths, num_heads = [int(d) for d in depths], [int(h) for h in num_heads]
-        if len(depths) != len(num_heads):
-            raise ConfigError(f"depths {depths} and num_heads {num_heads} must have one entry per stage each")
-        img = to_2tuple(img_size)
-        if patch_size <= 0 or img[0] % patch_size or img[1] % patch_size:
-            raise ConfigError(f"img_size {img[0]}x{img[1]} is not divisible by the patch size {patch_size}: use a "
-                              f"multiple of {patch_size} (e.g. {max(patch_size, img[0] // patch_size * patch_size)})")
-        windows = per_stage(window_size, len(depths), "window_size")
-        if any(w <= 0 for ws in windows for w in ws):
-            raise ConfigError(f"window_size must be positive, got {window_size!r}")
-        pretrained = per_stage(pretrained_window_size, len(depths), "pretrained_window_size")
-        if attn_chunk_size < 0:
-            raise ConfigError(f"attn_chunk_size={attn_chunk_size} must be >= 0 (0 turns sequential attention off)")
-        if extra_norm_period < 0:
-            raise ConfigError(f"extra_norm_period={extra_norm_period} must be >= 0 (0 turns it off)")
-
-        self.config: Dict[str, Any] = dict(
-            img_size=list(img), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=[list(w) for w in windows],
-            mlp_ratio=mlp_ratio, version=version, **switches, extra_norm_period=extra_norm_period,
-            pretrained_window_size=[list(p) for p in pretrained], drop_rate=drop_rate,
-            proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-            fused_attn=fused_attn, attn_chunk_size=attn_chunk_size, grad_checkpointing=grad_checkpointing)
-        self.switches = switches
-        self.num_classes = num_classes
-        self.num_layers = len(depths)
-        self.patch_size = patch_size
-        self.img_size = img
-        dims = [int(embed_dim * 2 ** i) for i in range(self.num_layers)]
+        cfg = (config if config is not None else SwinConfig()).replace(**kwargs).resolved()
+        self.config = cfg
+        self.num_classes = cfg.num_classes
+        self.num_layers = cfg.num_stages
+        self.patch_size = cfg.patch_size
+        self.img_size = tuple(cfg.img_size)
+        dims = cfg.stage_dims()
         self.num_features = dims[-1]
-        self.geometry = stage_geometry(img, patch_size, windows, self.num_layers)
-        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}")
+        self.geometry = stage_geometry(cfg.img_size, cfg.patch_size, cfg.window_size, cfg.num_stages)
+        self.feature_info = [dict(num_chs=dims[i], reduction=cfg.patch_size * 2 ** i, module=f"layers.{i}")
                              for i in range(self.num_layers)]
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dims[0])
+        depths = cfg.depths
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(depths), device="cpu").tolist()
         layers, start = [], 0
         for i in range(self.num_layers):
-            geo = self.geometry[i]
-            pw = pretrained[i]
             layers.append(SwinStage(
-                dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], geo, downsample=i > 0,
-                merge_order=switches["merge_order"], extra_norm_period=extra_norm_period,
-                drop_path=dpr[start:start + depths[i]], norm_placement=switches["norm_placement"],
-                mlp_ratio=mlp_ratio, proj_drop=proj_drop_rate, attention=switches["attention"],
-                position_bias=switches["position_bias"], qkv_bias=switches["qkv_bias"], pretrained_window=pw,
-                attn_drop=attn_drop_rate, fused=fused_attn, chunk_size=attn_chunk_size))
+                dims[max(i - 1, 0)], dims[i], depths[i], cfg.num_heads[i], self.geometry[i], downsample=i > 0,
+                merge_order=cfg.merge_order, extra_norm_period=cfg.extra_norm_period,
+                drop_path=dpr[start:start + depths[i]], norm_placement=cfg.norm_placement,
+                mlp_ratio=cfg.mlp_ratio, proj_drop=cfg.proj_drop_rate, attention=cfg.attention,
+                position_bias=cfg.position_bias, qkv_bias=cfg.qkv_bias,
+                pretrained_window=tuple(cfg.pretrained_window_size[i]), attn_drop=cfg.attn_drop_rate,
+                fused=cfg.fused_attn, chunk_size=cfg.attn_chunk_size))
             start += depths[i]
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
         self.apply(self._init_weights)
-        if switches["norm_placement"] == "res_post":
+        if cfg.norm_placement == "res_post":
             self._init_respostnorm()
-        self.set_grad_checkpointing(grad_checkpointing)
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     # -- initialisation -------------------------------------------------------------------------------------------
     @staticmethod
@@ -746,13 +658,13 @@ class SwinTransformer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per block (recompute activations in backward)."""
-        self.config["grad_checkpointing"] = bool(enable)
+        self.config = self.config.replace(grad_checkpointing=bool(enable))
         for stage in self.layers:
             stage.grad_checkpointing = bool(enable)
 
     def set_fused_attn(self, enable: bool = True) -> None:
         """Switch between ``F.scaled_dot_product_attention`` and the explicit softmax path."""
-        self.config["fused_attn"] = bool(enable)
+        self.config = self.config.replace(fused_attn=bool(enable))
         for blk in self.blocks():
             blk.attn.fused = bool(enable)
 
@@ -760,7 +672,7 @@ class SwinTransformer(nn.Module):
         """Sequential attention: at most ``chunk_size`` windows at a time (0: all at once)."""
         if chunk_size < 0:
             raise ConfigError(f"attn_chunk_size={chunk_size} must be >= 0 (0 turns sequential attention off)")
-        self.config["attn_chunk_size"] = int(chunk_size)
+        self.config = self.config.replace(attn_chunk_size=int(chunk_size))
         for blk in self.blocks():
             blk.attn.chunk_size = int(chunk_size)
 
@@ -769,8 +681,9 @@ class SwinTransformer(nn.Module):
         return {"relative_position_bias_table", "cpb_mlp", "logit_scale"}
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = self.config["num_classes"] = num_classes
-        self.head = ClassifierHead(self.num_features, num_classes, self.config["drop_rate"])
+        self.num_classes = num_classes
+        self.config = self.config.replace(num_classes=num_classes)
+        self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate)
         self.head.apply(self._init_weights)
 
     # -- forward --------------------------------------------------------------------------------------------------

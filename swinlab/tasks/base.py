@@ -203,4 +203,4 @@ class SwinTask:
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Lets ``create_model(name, checkpoint=...)`` rebuild the saved geometry from a Lightning checkpoint."""
         model = getattr(self, self._model_attr)
-        checkpoint["swinlab"] = {"model": self.model_name, "config": dict(model.config)}
+        checkpoint["swinlab"] = {"model": self.model_name, "config": model.config.to_dict()}

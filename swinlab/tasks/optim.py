@@ -95,7 +95,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Opti
     if keywords is None:
         keywords = getattr(model, "no_weight_decay_keywords", lambda: NO_DECAY_KEYWORDS)()
     keywords = tuple(keywords)
-    depths = list(getattr(model, "config", {}).get("depths", []))
+    depths = list(getattr(getattr(model, "config", None), "depths", []))
     total = sum(depths) + 1
     groups: Dict[str, Dict[str, Any]] = {}
     from torch.distributed.tensor import DTensor

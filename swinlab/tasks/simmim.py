@@ -95,9 +95,9 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
         self.encoder = build_model(model_name, empty_init=empty_init, checkpoint=checkpoint, num_classes=0, **kwargs)
         enc = self.encoder
         self.mask_generator = MaskGenerator(enc.img_size, mask_patch_size, enc.patch_size, mask_ratio)
-        self.in_chans = enc.config["in_chans"]
+        self.in_chans = enc.config.in_chans
         self.encoder_stride = enc.patch_size * 2 ** (enc.num_layers - 1)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, enc.config["embed_dim"]))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, enc.config.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Sequential(
             nn.Conv2d(enc.num_features, self.encoder_stride ** 2 * self.in_chans, kernel_size=1),

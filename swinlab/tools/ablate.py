@@ -78,7 +78,7 @@ def check_study(study: Dict[str, Any]) -> None:
     for variant in study["variants"]:
         name, kwargs, _ = _variant_model(study, variant)
         from ..models import get_variant
-        patch = kwargs.get("patch_size", get_variant(name).patch_size)
+        patch = kwargs.get("patch_size", get_variant(name).config.patch_size)
         sizes = [("train", study["train"])] + [(f"eval #{i + 1}", e) for i, e in enumerate(study["eval"])]
         for what, spec in sizes:
             if "img_size" not in spec or "window_size" not in spec:

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..models import create_model, get_variant, model_macs
+from ..models import PRESETS, create_model, get_variant, model_macs
 from ..models.compile import compile_model
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,15 +89,18 @@ def build_timm(name: str, img_size: int, num_classes: int, drop_path_rate: float
     if variant.name in timm.list_models():
         return timm.create_model(variant.name, pretrained=False, img_size=img_size, num_classes=num_classes,
                                  drop_path_rate=drop_path_rate)
-    if variant.extra_norm_period or variant.extra:
+    cfg = variant.config
+    custom = any(getattr(cfg, k) not in (None, v) for k, v in PRESETS[cfg.version].items())
+    if cfg.extra_norm_period or custom:
         raise ConfigError(f"timm has no counterpart of {variant.name!r} (extra norms / custom switches): "
                           f"drop --compare timm for this model")
-    kw = dict(img_size=img_size, patch_size=variant.patch_size, embed_dim=variant.embed_dim,
-              depths=variant.depths, num_heads=variant.num_heads, window_size=variant.window_size,
-              num_classes=num_classes, drop_path_rate=drop_path_rate)
-    if variant.version == "v2":
+    kw = dict(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depths=cfg.depths,
+              num_heads=cfg.num_heads, window_size=cfg.window_size, num_classes=num_classes,
+              drop_path_rate=drop_path_rate)
+    if cfg.version == "v2":
         from timm.models.swin_transformer_v2 import SwinTransformerV2
-        return SwinTransformerV2(pretrained_window_sizes=variant.pretrained_window_size, **kw)
+        pretrained = [tuple(p) for p in cfg.resolved().pretrained_window_size]  # one (h, w) per stage
+        return SwinTransformerV2(pretrained_window_sizes=pretrained, **kw)
     from timm.models.swin_transformer import SwinTransformer
     return SwinTransformer(**kw)
 
@@ -233,14 +236,14 @@ def run_bench(model: str, *, img_size: Optional[int] = None, batch_size: int = 8
     dev = resolve_device(device)
     if precision == "fp16" and dev.type == "cpu":
         raise ConfigError("fp16 autocast on the CPU is not a meaningful benchmark: use --precision bf16 or 32")
-    img = int(img_size or variant.img_size)
+    img = int(img_size or variant.config.img_size)
 
     torch.manual_seed(seed)
     ours = create_model(variant.name, img_size=img, num_classes=num_classes, fused_attn=attn == "fused")
     runners = [Runner("swinlab", ours, mode, precision, dev, compile)]
     timm_fused = None
     if compare == "timm":
-        theirs = build_timm(variant.name, img, num_classes, ours.config["drop_path_rate"])
+        theirs = build_timm(variant.name, img, num_classes, ours.config.drop_path_rate)
         timm_fused = any(bool(getattr(m, "fused_attn", False)) for m in theirs.modules())
         runners.append(Runner("timm", theirs, mode, precision, dev, compile))
 

@@ -9,9 +9,7 @@ from typing import List
 
 import torch
 
-from ..models import REGISTRY, create_model, model_macs
-from ..models.registry import ALIASES
-from ..models.swin import SwinTransformer
+from ..models import ALIASES, REGISTRY, SwinTransformer, create_model, model_macs
 
 
 def main(argv: List[str]) -> int:
@@ -27,9 +25,10 @@ def main(argv: List[str]) -> int:
     for name, variant in REGISTRY.items():
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = SwinTransformer(**variant.model_kwargs())
-        rows.append(dict(name=name, alias=alias_of.get(name, ""), version=variant.version,
-                         img_size=variant.img_size, window=variant.window_size,
+            model = SwinTransformer(variant.config)
+        cfg = variant.config
+        rows.append(dict(name=name, alias=alias_of.get(name, ""), version=cfg.version,
+                         img_size=cfg.img_size, window=cfg.window_size,
                          params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                          gflops=round(model_macs(model) / 1e9, 2)))
     if args.json:

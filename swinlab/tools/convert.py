@@ -32,8 +32,8 @@ def main(argv: List[str]) -> int:
                          pretrained_window_size=pws, num_classes=args.num_classes)
     out = save_safetensors(model, args.out, args.model)
     cfg = model.config
-    print(json.dumps(dict(out=str(out), model=args.model, img_size=cfg["img_size"],
-                          window_size=[w[0] for w in cfg["window_size"]],
-                          pretrained_window_size=[w[0] for w in cfg["pretrained_window_size"]],
-                          num_classes=cfg["num_classes"])))
+    print(json.dumps(dict(out=str(out), model=args.model, img_size=cfg.img_size,
+                          window_size=[w[0] for w in cfg.window_size],
+                          pretrained_window_size=[w[0] for w in cfg.pretrained_window_size],
+                          num_classes=cfg.num_classes)))
     return 0

@@ -282,7 +282,7 @@ class ExportBest(Callback):
     def _export(self, pl_module, state: Dict[str, torch.Tensor], best: str) -> None:
         from ..models import SwinTransformer, save_safetensors
         with torch.device("meta"):
-            model = SwinTransformer(**pl_module.model.config)
+            model = SwinTransformer(pl_module.model.config)
         model.load_state_dict(state, assign=True)  # the gathered tensors themselves: no second copy
         try:
             save_safetensors(model, self.path, pl_module.model_name)

@@ -101,7 +101,7 @@ def check_config(config: Any) -> None:
             variant = None
         if variant is not None:
             from ..models.swin import PRESETS
-            preset = PRESETS.get(kwargs.get("version", variant.version), {})
+            preset = PRESETS.get(kwargs.get("version", variant.config.version), {})
             attention = attention or preset.get("attention")
             bias = bias or preset.get("position_bias")
     sharding = init.get("sharding")
@@ -159,7 +159,7 @@ def valid_chunk_sizes(windows: Iterable[int]) -> List[int]:
 
 
 def check_chunk_size(model: torch.nn.Module) -> None:
-    chunk = int(model.config.get("attn_chunk_size", 0) or 0)
+    chunk = int(model.config.attn_chunk_size or 0)
     if chunk <= 0:
         return
     windows = windows_per_stage(model)
@@ -173,7 +173,7 @@ def check_chunk_size(model: torch.nn.Module) -> None:
 def check_run(trainer: Any, pl_module: Any) -> None:
     """Called from the tasks' ``setup()``: every rank, before ``configure_model`` and before the first step."""
     model = getattr(pl_module, "model", None)
-    config = getattr(model, "config", {}) or {}
+    config = getattr(model, "config", None)
     if model is not None and hasattr(model, "geometry"):
         check_chunk_size(model)
     if trainer is None:
@@ -188,4 +188,5 @@ def check_run(trainer: Any, pl_module: Any) -> None:
                           f"has no tensor-parallel plan: set tensor_parallel_size: 1 and data_parallel_size: "
                           f"{trainer.world_size}")
     sharding = getattr(getattr(pl_module, "hparams", {}), "get", lambda k, d=None: d)("sharding")
-    _precision_rules(precision, _is_v2(config.get("attention"), config.get("position_bias")), family, sharding)
+    v2 = _is_v2(getattr(config, "attention", None), getattr(config, "position_bias", None))
+    _precision_rules(precision, v2, family, sharding)

@@ -178,7 +178,7 @@ def materialize_zero3(meta_model: torch.nn.Module) -> torch.nn.Module:
     ``GatheredParameters(modifier_rank=0)``: never more than one module's parameters gathered."""
     import deepspeed
 
-    model = type(meta_model)(**meta_model.config)
+    model = type(meta_model)(meta_model.config)
     for attr in ("variant_name", "true_param_shapes"):
         if hasattr(meta_model, attr):
             setattr(model, attr, getattr(meta_model, attr))
@@ -226,7 +226,7 @@ def defer_checkpointing_to_strategy(model: torch.nn.Module, trainer: Any) -> boo
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if strategy is None or not strategy_checkpoints_activations(strategy):
         return False
-    if not getattr(model, "config", {}).get("grad_checkpointing"):
+    if not getattr(getattr(model, "config", None), "grad_checkpointing", False):
         return False
     model.set_grad_checkpointing(False)
     log.info("FSDPStrategy's activation_checkpointing_policy checkpoints the blocks: "
