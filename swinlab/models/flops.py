@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from .swin import SwinTransformer, to_2tuple
+from .swin import CPB_HIDDEN, SwinTransformer, to_2tuple
 
 
 def model_macs(model: SwinTransformer, img_size: Optional[Union[int, Sequence[int]]] = None) -> int:
@@ -32,12 +32,7 @@ def model_macs(model: SwinTransformer, img_size: Optional[Union[int, Sequence[in
             macs += 2 * hp * wp * n * C  # q k^T and attn v
             macs += int(2 * h * w * C * C * cfg.mlp_ratio)
             if cfg.position_bias.startswith("cpb"):
-                macs += (2 * wh - 1) * (2 * ww - 1) * (2 * 512 + 512 * blk.attn.num_heads)
+                macs += (2 * wh - 1) * (2 * ww - 1) * (2 * CPB_HIDDEN + CPB_HIDDEN * blk.attn.num_heads)
     macs += dims[-1] * max(cfg.num_classes, 0)
     return macs
 
-
-
-def training_flops(model: SwinTransformer, img_size=None) -> float:
-    """FLOPs (2 per multiply-add) of one training step per image: forward + backward = 3x forward."""
-    return 3 * 2 * model_macs(model, img_size)

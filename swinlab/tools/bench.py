@@ -55,9 +55,6 @@ PEAK_TFLOPS = (
     ("L40S", 362.0, 91.6),
     ("A10G", 70.0, 31.2),
 )
-FIELDS = ("model", "mode", "precision", "device", "batch_size", "img_size", "steps", "compile", "attn",
-          "img_s", "step_ms", "timm_img_s", "timm_step_ms", "ratio", "peak_mem_bytes", "timm_peak_mem_bytes",
-          "mem_ratio", "peak_mem_scope", "gflops_per_img", "tflops_s", "mfu", "timm_fused_attn")
 
 
 def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
@@ -220,7 +217,7 @@ def run_bench(model: str, *, img_size: Optional[int] = None, batch_size: int = 8
               precision: str = "32", compile: bool = False, compare: Optional[str] = None, steps: int = 10,
               warmup: int = 2, device: str = "auto", num_classes: int = 1000, attn: str = "fused",
               seed: int = 0, peak_tflops: Optional[float] = None) -> Dict[str, Any]:
-    """Measure one (model, mode, precision, batch) configuration; returns one flat dict (see ``FIELDS``)."""
+    """Measure one (model, mode, precision, batch) configuration; returns one flat dict (the JSON line)."""
     if mode not in MODES:
         raise ConfigError(f"mode {mode!r} is unknown: use one of {list(MODES)}")
     if precision not in PRECISIONS:
