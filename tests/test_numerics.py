@@ -195,6 +195,62 @@ def test_v1_dot_attention_scale_is_head_dim_to_minus_half():
         torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def _bias_by_hand(attn, window, head):
+    """(N, N) position bias of one head, one offset at a time: the V1 table row, or V2's 16 * sigmoid(MLP(log
+    coordinates))."""
+    pos = _pairs(window)
+    out = torch.zeros(len(pos), len(pos))
+    coords = _log_coords_by_hand(window, (0, 0)) if hasattr(attn, "cpb_mlp") else None
+    for a, (ya, xa) in enumerate(pos):
+        for b, (yb, xb) in enumerate(pos):
+            dy, dx = ya - yb + window[0] - 1, xa - xb + window[1] - 1
+            if coords is None:
+                out[a, b] = attn.relative_position_bias_table[dy * (2 * window[1] - 1) + dx, head]
+            else:
+                mlp = attn.cpb_mlp
+                hidden = torch.relu(coords[dy, dx] @ mlp[0].weight.T + mlp[0].bias)
+                out[a, b] = 16 * torch.sigmoid(hidden @ mlp[2].weight.T)[head]
+    return out
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_attention_probs_are_the_forwards_softmax_and_times_v_give_its_output(version):
+    window, heads, dim, nW = (2, 3), 2, 8, 3
+    N, hd = 6, 4
+    kw = {} if version == "v2" else dict(attention="dot", position_bias="table", qkv_bias="qkv")
+    attn = _attention(window=window, heads=heads, dim=dim, **kw)
+    if version == "v2":
+        with torch.no_grad():
+            attn.logit_scale.copy_(torch.tensor([1.0, 5.0]).view(2, 1, 1))  # head 1 above the ln 100 cap
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, nW, N, dim, generator=g)
+    mask = torch.zeros(nW, N, N)
+    mask[1, :3, 3:] = mask[1, 3:, :3] = -100.0  # window 1 holds two regions the cyclic shift brought together
+    with torch.no_grad():
+        probs = attn.attention_probs(x, mask)
+        qkv_bias = attn.qkv.bias if version == "v1" else torch.cat((attn.q_bias, torch.zeros(dim), attn.v_bias))
+        q, k, v = (x @ attn.qkv.weight.T + qkv_bias).chunk(3, dim=-1)  # (B, nW, N, dim), heads side by side
+        expected = torch.zeros(2, nW, heads, N, N)
+        merged = torch.zeros_like(x)  # probs @ v, heads side by side again: the output before the projection
+        for h in range(heads):
+            sl = slice(hd * h, hd * (h + 1))
+            qh, kh = q[..., sl], k[..., sl]
+            if version == "v2":
+                scale = math.exp(min(attn.logit_scale[h].item(), math.log(100)))
+                logits = (qh / qh.norm(dim=-1, keepdim=True)) @ (kh / kh.norm(dim=-1, keepdim=True)).transpose(-1, -2)
+                logits = logits * scale
+            else:
+                logits = qh @ kh.transpose(-1, -2) / math.sqrt(hd)
+            expected[:, :, h] = (logits + _bias_by_hand(attn, window, h) + mask).softmax(-1)
+            merged[..., sl] = probs[:, :, h] @ v[..., sl]
+        torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, nW, heads, N))
+        for fused in (True, False):
+            attn.fused = fused
+            torch.testing.assert_close(attn(x, mask), attn.proj(merged), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attn.attention_probs(x, mask), probs)  # whatever path the forward takes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shifted windows: the -100 mask and the geometry
 # ---------------------------------------------------------------------------------------------------------------

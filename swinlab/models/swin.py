@@ -287,15 +287,21 @@ class WindowAttention(nn.Module):
                                and mask.requires_grad and torch.is_grad_enabled()):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
         else:
-            attn = (q * scale) @ k.transpose(-2, -1)
-            if mask is not None:
-                attn = attn + mask
-            attn = F.dropout(attn.softmax(dim=-1), p=drop)
-            out = attn @ v
+            out = F.dropout(self._softmax(q, k, mask, scale), p=drop) @ v
         return out.view(B, w, nH, N, hd)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, num_windows, N, C); mask: (num_windows, N, N) shift mask or None."""
+    @staticmethod
+    def _softmax(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """The explicit path's attention probabilities: softmax(q k^T * scale + mask) over the keys."""
+        attn = (q * scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
+        return attn.softmax(dim=-1)
+
+    def _qkv_mask(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
+        """x: (B, nW, N, C), shift mask (nW, N, N) or None -> q, k, v (B, nW, heads, N, hd) ready for the product
+        (V2: cosine-normalised, q times the logit scale), the additive mask (position bias plus shift mask,
+        (nW or 1, heads, N, N), or None) and the scale that multiplies q k^T."""
         B, nW, N, C = x.shape
         nH, hd = self.num_heads, self.head_dim
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
@@ -325,6 +331,20 @@ class WindowAttention(nn.Module):
                 mask = mask.expand(-1, nH, -1, -1)
         elif bias is not None:
             mask = bias[None]
+        return q, k, v, mask, scale
+
+    def attention_probs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention probabilities of the forward pass (without dropout), from the same inputs: x (B, nW, N, C)
+        and the shift mask (nW, N, N) or None -> (B, nW, heads, N, N), each row summing to 1. Computed by the
+        explicit softmax path (what ``fused=False`` runs), so ``attention_probs(x, mask) @ v`` is the forward's
+        output before the heads are merged and projected."""
+        q, k, _, mask, scale = self._qkv_mask(x, mask)
+        return self._softmax(q, k, None if mask is None else mask.to(q.dtype), scale)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, num_windows, N, C); mask: (num_windows, N, N) shift mask or None."""
+        B, nW, N, C = x.shape
+        q, k, v, mask, scale = self._qkv_mask(x, mask)
         chunk = self.chunk_size
         if chunk and nW > chunk:  # sequential attention: bounded memory for very large inputs, same result
             outs = []

@@ -150,31 +150,6 @@ def head_grid(maps: torch.Tensor, pad: int = 1) -> torch.Tensor:
     return make_grid(imgs, nrow=imgs.shape[0], padding=pad, pad_value=1.0)[:1]
 
 
-def attention_probs(attn: torch.nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Softmax attention (heads, N, N) of the first window of the first image, recomputed from a WindowAttention
-    module's input ``x`` (B, nW, N, C) and shift ``mask``."""
-    import torch.nn.functional as F
-
-    from ..models.swin import LOGIT_SCALE_MAX
-    x = x[:1, :1].float()
-    _, _, N, C = x.shape
-    nH, hd = attn.num_heads, attn.head_dim
-    bias = attn.qkv_bias()
-    qkv = F.linear(x, attn.qkv.weight.float(), None if bias is None else bias.float())
-    q, k, _ = qkv.view(N, 3, nH, hd).permute(1, 2, 0, 3).unbind(0)  # heads, N, hd
-    if attn.attention == "cosine":
-        scale = torch.clamp(attn.logit_scale.float(), max=LOGIT_SCALE_MAX).exp()
-        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
-    else:
-        logits = (q * hd ** -0.5) @ k.transpose(-2, -1)
-    pb = attn.position_bias()
-    if pb is not None:
-        logits = logits + pb.float()
-    if mask is not None:
-        logits = logits + mask[0].float()
-    return logits.softmax(-1)
-
-
 class AttentionImages(Callback):
     """Once per validation epoch: each stage's position bias per head (first block; V1 table or V2 CPB output) as
     ``position_bias/stage<i>`` and the attention of one validation image's first window in the last shifted block
@@ -236,8 +211,9 @@ class AttentionImages(Callback):
                     handle.remove()
                 if captured:
                     x, mask = captured[0][0], captured[0][1] if len(captured[0]) > 1 else None
-                    with full_params([blk]):
-                        out.append(("attention/stage0", head_grid(attention_probs(blk.attn, x, mask))))
+                    with full_params([blk]):  # the first window of the first image
+                        probs = blk.attn.attention_probs(x[:1, :1], None if mask is None else mask[:1])
+                    out.append(("attention/stage0", head_grid(probs[0, 0])))
         finally:
             model.train(was_training)
         return out
