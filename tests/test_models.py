@@ -1,4 +1,6 @@
-"""The one switchable model: parity with timm, switches, geometry, registry, FLOPs, bad input."""
+"""The one switchable model: parity with timm, switches, geometry, registry (every variant), FLOPs, bad input."""
+import functools
+import json
 import math
 
 import pytest
@@ -10,9 +12,21 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
 
 import swinlab
 from swinlab.errors import ConfigError
-from swinlab.models import SwinTransformer, count_params, create_model, list_models, model_macs
+from swinlab.models import (
+    SwinConfig,
+    SwinTransformer,
+    count_params,
+    create_model,
+    get_variant,
+    list_models,
+    model_macs,
+    stage_geometry,
+)
 
 PICO = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
+
+
+SMALL = [n for n in list_models() if n.endswith("_32")]  # test-sized: a real forward costs milliseconds
 
 
 def timm_twin(name, **kw):
@@ -171,6 +185,63 @@ def test_registry_has_timm_names_and_paper_sizes():
     assert 6.5e8 < count_params("swinv2_huge_window12_192") < 6.65e8  # paper: 658M
     timm_t = timm.create_model("swin_tiny_patch4_window7_224")
     assert count_params("v1_t") == sum(p.numel() for p in timm_t.parameters())
+
+
+@functools.cache
+def _on_meta(name):
+    """The registry model on the meta device (no memory, no initialisation), built once per test session."""
+    with torch.device("meta"):
+        return create_model(name)
+
+
+# -- every registered variant, the way timm's test suite walks list_models() ------------------------------------------
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_variant_builds_on_meta_as_its_config_says(name):
+    model = _on_meta(name)
+    cfg = model.config
+    assert model.is_meta() and all(p.is_meta for p in model.parameters())
+    assert cfg == get_variant(name).config.resolved()
+    assert SwinConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what checkpoint metadata keeps
+    assert [len(stage.blocks) for stage in model.layers] == list(cfg.depths)
+    assert [stage.blocks[0].attn.num_heads for stage in model.layers] == list(cfg.num_heads)
+    assert model.num_features == cfg.embed_dim * 2 ** (len(cfg.depths) - 1) and model.num_classes == cfg.num_classes
+    assert model.head.fc.out_features == cfg.num_classes and tuple(model.img_size) == tuple(cfg.img_size)
+    geometry = stage_geometry(cfg.img_size, cfg.patch_size, cfg.window_size, len(cfg.depths))
+    assert [[blk.window for blk in stage.blocks] for stage in model.layers] == [
+        [g["window"]] * d for g, d in zip(geometry, cfg.depths)]
+    assert model_macs(model) > 0
+
+
+def _timm_names():
+    return [n for n in list_models() if n in timm.list_models() or n in ("swin_pico_patch2_window4_32",
+                                                                          "swinv2_pico_patch2_window4_32")]
+
+
+@pytest.mark.parametrize("name", _timm_names())
+def test_every_variant_in_timm_has_timms_parameters(name):
+    ours = _on_meta(name)
+    with torch.device("meta"):
+        ref = timm_twin(name, num_classes=ours.num_classes)  # timm's 192 px V2 models default to 21841 classes
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert {k: p.shape for k, p in ours.named_parameters()} == {k: p.shape for k, p in ref.named_parameters()}
+
+
+def test_the_variants_timm_lacks_are_the_extra_norm_ones():
+    missing = set(list_models()) - set(_timm_names())
+    assert missing == {n for n in list_models() if get_variant(n).config.extra_norm_period}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_small_variant_runs_forward_and_backward(name):
+    torch.manual_seed(0)
+    model = randomize_(create_model(name, num_classes=5)).train()
+    out = model(torch.randn(2, 3, *model.img_size))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():  # and at another (smaller) input size than the one it was built for
+        assert model.eval()(torch.randn(1, 3, 16, 24)).shape == (1, 5)
 
 
 @pytest.mark.parametrize("name,paper_gflops", [
