@@ -12,7 +12,7 @@ from conftest import ROOT
 
 from swinlab.errors import ConfigError
 from swinlab.models import create_model, read_checkpoint
-from swinlab.tools.ablate import CSV_FIELDS, check_study, load_study, transfer
+from swinlab.tools.ablate import CSV_FIELDS, check_study, fit_config, load_study, make_data, transfer
 
 TINY = {
     "study": "tiny",
@@ -112,3 +112,42 @@ def test_shipped_studies_are_valid():
             assert len(study["seeds"]) >= 3
         else:  # the paper's transfer sizes (window = size / 32)
             assert all(e["window_size"] * 32 == e["img_size"] for e in study["eval"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s["model"].update(base_lrr=1e-3), ["variant", "base_lrr", "not accepted", "fit --help"]),
+    (lambda s: s["finetune"]["model"].update(warmup_stepz=0), ["(finetune)", "warmup_stepz"]),
+    (lambda s: s["data"]["init_args"].update(batch_size="many"), ["batch_size", "many"]),
+    (lambda s: s["train"]["trainer"].update(max_stepz=4), ["max_stepz"]),
+    (lambda s: s.update(seedz=[1]), ["study config", "seedz", "class Study"]),
+    (lambda s: s.update(seeds="zero"), ["study config", "seeds"]),
+])
+def test_a_bad_setting_is_named_in_one_line_before_any_training(tmp_path, change, words):
+    """Each variant's settings go through fit's parser (the classes' signatures), the file through Study."""
+    study = yaml.safe_load(yaml.safe_dump(TINY))
+    change(study)
+    with pytest.raises(ConfigError) as err:
+        load_study(str(write_study(tmp_path, study)))
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_variant_settings_are_a_fit_config(tmp_path):
+    """What a variant trains with, written as a training config's sections, parses with fit's own parser."""
+    from swinlab.training.cli import build_parser
+    study = load_study(str(write_study(tmp_path, TINY)))
+    cfg = fit_config(study, "log_cpb", 32, 4)
+    assert cfg["model"]["init_args"]["model_kwargs"] == {"position_bias": "cpb_log", "img_size": [32, 32],
+                                                         "window_size": [4, 4]}
+    parsed = build_parser("fit").parse_object(cfg)
+    assert parsed.model.init_args.base_lr == TINY["model"]["base_lr"] and parsed.trainer.max_steps == 4
+    ft = fit_config(study, "table", 32, 8, finetune=True)
+    assert ft["model"]["init_args"]["base_lr"] == 1e-3 and ft["trainer"] == {"max_steps": 2}
+
+
+def test_the_data_module_gets_the_run_seed_unless_the_study_fixes_one(tmp_path):
+    study = load_study(str(write_study(tmp_path, TINY)))
+    assert make_data(study, 32, 7).seed == 7  # DigitsDataModule takes a seed: the run's
+    fixed = load_study(str(write_study(tmp_path, {**TINY, "data": {**TINY["data"], "init_args": {
+        **TINY["data"]["init_args"], "seed": 3}}})))
+    assert make_data(fixed, 32, 7).seed == 3

@@ -19,27 +19,34 @@ A study yaml::
       table: {position_bias: table}          # model_kwargs overrides (or {model_name: ..., checkpoint: ...})
       log_cpb: {position_bias: cpb_log}
     paper: {table: ["81.7", "79.4/82.7"], ...}                                      # optional
+
+The file is read by jsonargparse against :class:`Study` (unknown or mistyped keys are named in one line), and each
+variant's model, data and trainer settings, at the train size and (when given) the fine-tune settings, go through
+``python -m swinlab fit``'s own parser (``swinlab.training.cli.build_parser``) as ``model: {class_path:
+swinlab.tasks.ImageClassifier, init_args: ...}``, ``data:`` and ``trainer:`` sections: the same keys and types as a
+training config, checked before anything trains.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
+import functools
 import importlib
 import json
 import math
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..errors import ConfigError
 from ..models import create_model, save_safetensors
 from ..models.swin import to_2tuple
-from .yamlio import load_yaml
+from ..training.cli import build_parser, parse_config, parser_message
 
 CSV_FIELDS = ["study", "variant", "seed", "train_img_size", "train_window", "eval_img_size", "eval_window",
               "finetuned", "top1", "top5"]
@@ -49,19 +56,75 @@ CSV_FIELDS = ["study", "variant", "seed", "train_img_size", "train_window", "eva
 # Study config
 # ----------------------------------------------------------------------------------------------------------------
 
+TASK = "swinlab.tasks.ImageClassifier"  # what every variant trains (its init arguments: the study's model: section)
+DEFAULT_DATA = "swinlab.data.DigitsDataModule"
+Sizes = Union[int, List[int]]  # a square size, or [height, width]
+
+
+@dataclass
+class Size:
+    """One (img_size, window_size) pair."""
+    img_size: Optional[Sizes] = None
+    window_size: Optional[Sizes] = None
+
+
+@dataclass
+class TrainSpec:
+    """Where every variant trains: its size and window, and Trainer arguments (``max_epochs``, ``max_steps``, ...)."""
+    img_size: Optional[Sizes] = None
+    window_size: Optional[Sizes] = None
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneSpec:
+    """The short fine-tune at each eval size: Trainer arguments and ImageClassifier overrides (``base_lr``, ...)."""
+    trainer: Dict[str, Any] = field(default_factory=dict)
+    model: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Study:
+    """A study yaml's sections (see the module docstring). ``model``: ImageClassifier's arguments (``model_name``,
+    ``num_classes``, ``model_kwargs``, recipe); ``data``: ``{class_path, init_args}`` of a LightningDataModule;
+    ``variants``: per variant the ``model_kwargs`` it overrides (or ``model_name`` / ``checkpoint``); ``paper``: per
+    variant the paper's table cells. The sections a study cannot do without are checked by ``load_study``."""
+    model: Optional[Dict[str, Any]] = None
+    data: Optional[Dict[str, Any]] = None
+    train: Optional[TrainSpec] = None
+    eval: Optional[List[Size]] = None
+    variants: Optional[Dict[str, Optional[Dict[str, Any]]]] = None
+    study: Optional[str] = None
+    seeds: List[int] = field(default_factory=lambda: [0])
+    threads: Optional[int] = None
+    finetune: Optional[FinetuneSpec] = None
+    paper: Optional[Dict[str, List[Union[str, float]]]] = None
+
+
 def load_study(path: str) -> Dict[str, Any]:
+    """The study file as a dict of sections, read against :class:`Study`, its sizes and every variant's settings
+    checked (one ConfigError line naming the file, the key and the fix)."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
     p = Path(path)
-    study = load_yaml(p) or {}
-    if not isinstance(study, dict):
-        raise ConfigError(f"study config {path} is not a mapping: see swinlab/tools/ablate.py for the format")
+    if not p.is_file():
+        raise ConfigError(f"study config {p} does not exist: check the path")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Study)
+    try:
+        study = parser.parse_path(str(p)).as_dict()
+    except ArgumentError as exc:
+        raise ConfigError(f"study config {path}: {parser_message(exc)}: see swinlab/tools/ablate.py (class Study) for "
+                          f"the format") from None
     for key in ("model", "data", "train", "eval", "variants"):
-        if key not in study:
+        if study.get(key) is None:
             raise ConfigError(f"study config {path} has no '{key}:' section: see swinlab/tools/ablate.py")
-    study.setdefault("study", p.stem)
-    study.setdefault("seeds", [0])
+    if study["study"] is None:
+        study["study"] = p.stem
     if not study["variants"]:
         raise ConfigError(f"study config {path} lists no variants: add at least one under 'variants:'")
     check_study(study)
+    check_settings(study)
     return study
 
 
@@ -81,7 +144,7 @@ def check_study(study: Dict[str, Any]) -> None:
         patch = kwargs.get("patch_size", get_variant(name).config.patch_size)
         sizes = [("train", study["train"])] + [(f"eval #{i + 1}", e) for i, e in enumerate(study["eval"])]
         for what, spec in sizes:
-            if "img_size" not in spec or "window_size" not in spec:
+            if spec.get("img_size") is None or spec.get("window_size") is None:
                 raise ConfigError(f"{what} size of study {study['study']} needs img_size and window_size")
             img, win = to_2tuple(spec["img_size"]), to_2tuple(spec["window_size"])
             if img[0] % patch or img[1] % patch:
@@ -94,6 +157,55 @@ def check_study(study: Dict[str, Any]) -> None:
                                   f"{grid[0]}, e.g. img_size {win[0] * patch * 4} for window {win[0]}")
 
 
+def fit_config(study: Dict[str, Any], variant: str, img_size, window_size, finetune: bool = False) -> Dict[str, Any]:
+    """One variant at one size as the sections of a ``python -m swinlab fit`` config (model, data, trainer): what
+    ``_task``, ``make_data`` and ``_trainer`` build, written the way a training config writes it."""
+    name, kwargs, _ = _variant_model(study, variant)
+    args = {k: v for k, v in study["model"].items() if k not in ("model_name", "model_kwargs")}
+    trainer = study["train"].get("trainer") or {}
+    if finetune:
+        args.update((study.get("finetune") or {}).get("model") or {})
+        trainer = (study.get("finetune") or {}).get("trainer") or {}
+    img, win = list(to_2tuple(img_size)), list(to_2tuple(window_size))
+    data = copy.deepcopy(study["data"])
+    data_args = dict(data.get("init_args") or {})
+    data_args["img_size"] = img
+    model_kwargs = {**kwargs, "img_size": img, "window_size": win}
+    return {"model": {"class_path": TASK, "init_args": {**args, "model_name": name, "model_kwargs": model_kwargs}},
+            "data": {"class_path": data.get("class_path") or DEFAULT_DATA, "init_args": data_args},
+            "trainer": dict(trainer)}
+
+
+@functools.lru_cache(maxsize=1)
+def _fit_parser():
+    return build_parser("fit")
+
+
+def parse_fit_config(cfg: Dict[str, Any], study: Dict[str, Any], variant: str, stage: str):
+    """``cfg`` (from :func:`fit_config`) through fit's parser: keys and types against the classes' signatures, defaults
+    filled in (a jsonargparse Namespace). A bad setting raises ConfigError naming the study, the variant and the key."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return _fit_parser().parse_object(copy.deepcopy(cfg))
+    except ArgumentError as exc:
+        raise ConfigError(f"study {study.get('study')}, variant {variant} ({stage}): {parser_message(exc)}: a study's "
+                          f"model: section takes {TASK}'s arguments, data: and trainer: what a training config takes "
+                          f"(see `python -m swinlab fit --help`)") from None
+
+
+def check_settings(study: Dict[str, Any]) -> None:
+    """Every variant's model, data and trainer settings through fit's parser: at the train size, and with the
+    fine-tune's overrides at the first eval size. Checked before any training."""
+    train = study["train"]
+    for variant in study["variants"]:
+        parse_fit_config(fit_config(study, variant, train["img_size"], train["window_size"]), study, variant, "train")
+        if study.get("finetune"):
+            first = study["eval"][0]
+            parse_fit_config(fit_config(study, variant, first["img_size"], first["window_size"], finetune=True),
+                             study, variant, "finetune")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,14 +215,16 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def make_data(study: Dict[str, Any], img_size, seed: int):
-    spec = copy.deepcopy(study["data"])
-    cls = _import(spec.get("class_path", "swinlab.data.DigitsDataModule"))
-    args = dict(spec.get("init_args") or {})
-    args["img_size"] = list(to_2tuple(img_size))
-    if "seed" in cls.__init__.__code__.co_varnames:
+def make_data(study: Dict[str, Any], img_size, seed: int, variant: Optional[str] = None):
+    """The study's data module at ``img_size``; a data class that takes a ``seed`` gets the run's seed unless the
+    study fixes one (whether it takes one: its signature, as fit's parser reads it)."""
+    variant = variant if variant is not None else next(iter(study["variants"]))
+    cfg = fit_config(study, variant, img_size, study["train"]["window_size"])
+    parsed = parse_fit_config(cfg, study, variant, "data")
+    args = dict(cfg["data"]["init_args"])
+    if "seed" in parsed.data.init_args:
         args.setdefault("seed", seed)
-    dm = cls(**args)
+    dm = _import(cfg["data"]["class_path"])(**args)
     dm.setup("fit")
     return dm
 
@@ -184,7 +298,7 @@ def run_study(study: Dict[str, Any], out: Path, log=print) -> List[Dict[str, Any
                 model = create_model(name, checkpoint=given_ckpt, **train_kwargs)
                 save_safetensors(model, weights, name)
             else:
-                dm = make_data(study, t_img, int(seed))
+                dm = make_data(study, t_img, int(seed), variant)
                 task = _task(study, name, train_kwargs, None)
                 _trainer(train.get("trainer", {}), logger).fit(task, datamodule=dm)
                 save_safetensors(task.model, weights, name)
@@ -192,7 +306,7 @@ def run_study(study: Dict[str, Any], out: Path, log=print) -> List[Dict[str, Any
                                                 for e in study["eval"] for ft in ((False, True) if finetune else
                                                                                   (False,))]
             for img, win, ft in sizes:
-                dm = make_data(study, img, int(seed))
+                dm = make_data(study, img, int(seed), variant)
                 if not ft:
                     model = transfer(str(weights), name, list(img), list(win))
                 else:
@@ -310,16 +424,20 @@ def write_outputs(study: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from jsonargparse import ArgumentParser
+
     argv = list(argv or [])
     if argv and argv[0] == "ablate":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="python -m swinlab ablate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="study yaml (experiments/ablations/*.yaml)")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/ablations/<study>)")
+    parser = ArgumentParser(prog="python -m swinlab ablate", description=__doc__.split("\n\n")[0],
+                            exit_on_error=False)
+    parser.add_argument("--config", type=str, required=True, help="study yaml (experiments/ablations/*.yaml)")
+    parser.add_argument("--out", type=Optional[str], default=None,
+                        help="output folder (default: runs/ablations/<study>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads (default: the study's 'threads:', else torch's choice)")
-    args = parser.parse_args(argv)
+    args = parse_config(parser, argv, "ablate")
     study = load_study(args.config)
     threads = args.threads or study.get("threads")
     if threads:
