@@ -92,6 +92,25 @@ def test_configs_compose(tmp_path, capsys):
     assert cfg["model"]["init_args"]["model_name"] == PICO
 
 
+@pytest.mark.parametrize("subcommand, configs, extra", [
+    ("fit", ["quickstart.yaml"], ["--trainer.devices", "4", "--model.init_args.num_classes", "7"]),
+    ("fit", ["v2_g.yaml", "strategy/fsdp2.yaml"], []),
+    ("fit", ["simmim_quick.yaml"], ["--ckpt_path", "last"]),
+    ("validate", ["v1_t.yaml"], []),
+])
+def test_build_parser_is_the_clis_parser(subcommand, configs, extra, capsys):
+    """build_parser/compose_config (what estimate, ablate and the tests read configs with) give exactly what
+    ``python -m swinlab <subcommand> ... --print_config`` prints: same keys, defaults, composition and overrides."""
+    from swinlab.training.cli import build_parser, compose_config
+    args = [a for c in configs for a in ("--config", str(ROOT / "experiments" / c))] + extra
+    with pytest.raises(SystemExit) as done:
+        main([subcommand, *args, "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = compose_config(args, subcommand=subcommand)
+    assert yaml.safe_load(build_parser(subcommand).dump(cfg, skip_none=False)) == printed
+
+
 def test_python_m_swinlab_reports_error_and_exit_code(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = _swinlab(["fit", "--config", "tiny.yaml", "--model.init_args.foo", "1"], tmp_path)

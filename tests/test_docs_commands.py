@@ -1,9 +1,10 @@
 """The commands in docs/scaling.md and docs/slurm/v2_g.sbatch run as written (on the CPU, without a GPU).
 
 * Every ```bash block of docs/scaling.md runs in bash with a stand-in ``python`` first on PATH that only records its
-  arguments; each recorded ``python -m swinlab fit ...`` is then composed in-process with ``--print_config`` (which
-  exits before the CLI's CUDA-only pre-flight check) and the merged config must pass
-  ``swinlab.training.preflight.check_config`` as on a GPU machine; ``python -m swinlab estimate ...`` runs for real.
+  arguments; each recorded ``python -m swinlab fit ...`` is then composed in-process by fit's own parser
+  (``swinlab.training.cli.compose_config``: parsed, nothing built, so the CLI's CUDA-only pre-flight check does not
+  run) and the merged config must pass ``swinlab.training.preflight.check_config`` as on a GPU machine;
+  ``python -m swinlab estimate ...`` runs for real.
 * The block marked ``<!-- cpu-command -->`` (the CPU stand-in for SwinV2-G) trains as written, from a fresh copy of
   the repository (``slow``).
 * docs/slurm/v2_g.sbatch runs with ``bash`` in a fresh copy under a fake SLURM environment, with a stand-in ``srun``
@@ -70,14 +71,11 @@ def _env(path_first: Path, **extra: str) -> dict:
 
 
 def _compose(args: list) -> dict:
-    """``python -m swinlab <fit ...> --print_config`` in this process; the merged config as a dict."""
-    from swinlab.__main__ import main
+    """The config ``python -m swinlab <fit ...>`` composes (fit's own parser, swinlab.training.cli.compose_config);
+    the merged config as a dict."""
+    from swinlab.training.cli import compose_config
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
-        main([*args, "--print_config"])
-    assert done.value.code in (0, None), f"{shlex.join(args)}: exit {done.value.code}"
-    return yaml.safe_load(out.getvalue())
+    return compose_config(args[1:], subcommand=args[0]).as_dict()
 
 
 @pytest.fixture(scope="module")
