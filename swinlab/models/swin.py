@@ -1,6 +1,7 @@
 """Swin Transformer V1 and V2 as one model.
 
-Every change from V1 to V2 is an independent switch, and "v1" / "v2" are presets of those switches:
+Every change from V1 to V2 is an independent switch, and "v1" / "v2" are presets of those switches (``PRESETS`` in
+``swinlab.models.config``, with :class:`~swinlab.models.config.SwinConfig`, everything a model is built from):
 
 =================  ==========================================  ===================================================
 switch             "v1" preset                                 "v2" preset
@@ -518,8 +519,9 @@ class ClassifierHead(nn.Module):
 class SwinTransformer(nn.Module):
     """Swin Transformer with V1/V2 switches (see the module docstring).
 
-    ``version`` picks the preset ("v1" or "v2"); any switch given explicitly overrides the preset, so an
-    ablation such as "V1 with log-spaced CPB" is ``SwinTransformer(version="v1", position_bias="cpb_log")``.
+    Built from a :class:`~swinlab.models.config.SwinConfig`, kept (resolved) as ``model.config``. ``version`` picks
+    the preset ("v1" or "v2"); any switch given explicitly overrides the preset, so an ablation such as "V1 with
+    log-spaced CPB" is ``SwinTransformer(version="v1", position_bias="cpb_log")``.
     """
 
     def __init__(self, config: Optional[SwinConfig] = None, **kwargs: Any):
