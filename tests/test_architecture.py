@@ -1,5 +1,5 @@
-"""The house plan (docs/architecture.md), checked on the source: no import cycle inside swinlab/ (imports inside functions
-and package ``__init__`` files count), each layer imports only the layers below it, and only ``__init__``,
+"""The house plan (docs/architecture.md), checked on the source: no import cycle inside swinlab/ (imports inside
+functions and package ``__init__`` files count), each layer imports only the layers below it, and only ``__init__``,
 ``__main__`` and ``errors`` sit at the top of the package."""
 import ast
 import pathlib
