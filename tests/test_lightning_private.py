@@ -53,7 +53,8 @@ def test_lightning_cli_calls_parse_ckpt_path_before_instantiating_classes():
     from swinlab.training.cli import SwinlabCLI
 
     assert callable(getattr(LightningCLI, "_parse_ckpt_path", None)), (
-        f"LightningCLI has no _parse_ckpt_path any more ({_where(LightningCLI)}): SwinlabCLI._parse_ckpt_path "
+        f"LightningCLI has no _parse_ckpt_path ({_where(LightningCLI)}; it came in lightning 2.5.5, and this one "
+        f"predates it or dropped it): SwinlabCLI._parse_ckpt_path "
         f"(swinlab/training/cli.py) is never called, so --ckpt_path hyperparameters are read by whatever replaced it "
         f"(check that it loads weights-only) and swinlab's model_name/num_classes check does not run")
     assert list(inspect.signature(LightningCLI._parse_ckpt_path).parameters) == ["self"], (
@@ -179,8 +180,8 @@ def test_no_other_override_of_a_private_lightning_name():
                         f"KNOWN_OVERRIDES in tests/test_lightning_private.py with a test that Lightning still calls it "
                         f"as assumed")
     assert overrides == KNOWN_OVERRIDES, (
-        f"listed overrides {sorted(KNOWN_OVERRIDES - overrides)} are gone from swinlab: drop them (and their tests) "
-        f"from tests/test_lightning_private.py")
+        f"listed overrides {sorted(KNOWN_OVERRIDES - overrides)} no longer shadow a Lightning name: swinlab dropped "
+        f"them (then drop them and their tests here), or this Lightning ({_lightning_version()}) has no such method")
 
 
 def test_no_other_read_of_a_private_lightning_attribute():
