@@ -110,7 +110,9 @@ class SwinConfig:
         if len(depths) != len(num_heads):
             raise ConfigError(f"depths {depths} and num_heads {num_heads} must have one entry per stage each")
         img, patch = to_2tuple(self.img_size), self.patch_size
-        if patch <= 0 or img[0] % patch or img[1] % patch:
+        if patch <= 0:
+            raise ConfigError(f"patch_size={patch} must be a positive int (the side of a patch in pixels, e.g. 4)")
+        if img[0] % patch or img[1] % patch:
             raise ConfigError(f"img_size {img[0]}x{img[1]} is not divisible by the patch size {patch}: use a "
                               f"multiple of {patch} (e.g. {max(patch, img[0] // patch * patch)})")
         windows = per_stage(self.window_size, len(depths), "window_size")
@@ -122,6 +124,10 @@ class SwinConfig:
                               f"off)")
         if self.extra_norm_period < 0:
             raise ConfigError(f"extra_norm_period={self.extra_norm_period} must be >= 0 (0 turns it off)")
+        for key in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            rate = getattr(self, key)
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"{key}={rate!r} is out of range: it must be in [0, 1) (a probability; 0 for off)")
         return dataclasses.replace(self, **switches, depths=depths, num_heads=num_heads, img_size=list(img),
                                    window_size=[list(w) for w in windows],
                                    pretrained_window_size=[list(p) for p in pretrained])
