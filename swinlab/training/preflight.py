@@ -1,17 +1,22 @@
 """Checks that stop a scaled-up run before it trains: strategy/accelerator, precision and memory-switch combinations
 that cannot work, each reported as one ``ConfigError`` line naming the problem and the fix.
 
-Two entry points:
+Entry points:
 
 - ``check_config(config)`` looks at the merged configuration (a dict or jsonargparse Namespace with ``trainer`` and
-  ``model`` sections) before anything is instantiated: DeepSpeed and FSDP1 need CUDA, a V2 model cannot train in
-  ``16-true`` (no gradient scaler), ``sharding`` options need ``ModelParallelStrategy``.
+  ``model`` sections) before anything is instantiated: the trainer's values (``max_epochs``, ``devices``,
+  ``limit_*_batches``, ... in the ranges Lightning accepts; strategy and accelerator names, with the closest names for
+  a misspelt one), DeepSpeed and FSDP1 need CUDA, a V2 model cannot train in ``16-true`` (no gradient scaler),
+  ``sharding`` options need ``ModelParallelStrategy``. It depends on the config only, not on this machine.
+- ``check_machine(config)`` asks whether this machine has what the config asks for (``trainer.accelerator: gpu``
+  without a CUDA device, more CUDA devices than there are); the CLI calls it after ``check_config``.
 - ``check_run(trainer, pl_module)`` runs from the tasks' ``setup()`` on every rank, before ``configure_model`` and
   the first step, with the built model: the same precision/sharding rules plus the sequential-attention chunk size.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+import difflib
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -74,10 +79,122 @@ def _precision_rules(precision: str, v2: bool, family: str, sharding: Optional[D
                               f"runs do not have (precision {precision}): use param_dtype bfloat16")
 
 
+def close_matches(word: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean a or b?)`` for a misspelt name (difflib; also names that contain it as a ``_`` part, so
+    ``lr`` finds ``base_lr``), or an empty string."""
+    choices = [str(c) for c in choices]
+    word = str(word)
+    found = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    found += [c for c in choices if c not in found and word and word in c.split("_")][: 3 - len(found)]
+    if not found:
+        return ""
+    return f" (did you mean {' or '.join(found) if len(found) < 3 else ', '.join(found[:-1]) + ' or ' + found[-1]}?)"
+
+
+# trainer key -> (lowest accepted int, what the message says is accepted); None is always accepted
+_TRAINER_INTS = {
+    "max_epochs": (-1, "an int >= 0, or -1 for no limit"),
+    "min_epochs": (0, "an int >= 0"),
+    "max_steps": (-1, "an int >= 0, or -1 for no limit"),
+    "min_steps": (0, "an int >= 0"),
+    "num_nodes": (1, "an int >= 1"),
+    "accumulate_grad_batches": (1, "an int >= 1"),
+    "check_val_every_n_epoch": (1, "an int >= 1, or null"),
+    "log_every_n_steps": (0, "an int >= 0"),
+    "num_sanity_val_steps": (-1, "an int >= 0, or -1 for the whole validation set"),
+    "reload_dataloaders_every_n_epochs": (0, "an int >= 0"),
+}
+
+
+def _names(registry: Any, extra: Sequence[str]) -> List[str]:
+    try:
+        names = list(registry())
+    except Exception:  # pragma: no cover - a broken optional backend: Lightning reports it itself
+        names = []
+    return list(extra) + sorted(n for n in names if n not in extra)
+
+
+def strategy_names() -> List[str]:
+    """The strategy names Lightning accepts as ``trainer.strategy: <name>``."""
+    from lightning.pytorch.strategies import StrategyRegistry
+    return _names(StrategyRegistry.available_strategies, ("auto",))
+
+
+def accelerator_names() -> List[str]:
+    """The accelerator names Lightning accepts as ``trainer.accelerator: <name>``."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    return _names(AcceleratorRegistry.available_accelerators, ("auto", "cpu", "gpu", "cuda"))
+
+
+def check_trainer_values(trainer: Dict[str, Any]) -> None:
+    """The trainer section's values in the ranges Lightning accepts, each refused in one line naming the key, the
+    value and what is accepted (Lightning itself would stop later, with a traceback)."""
+    for key, (low, accepted) in _TRAINER_INTS.items():
+        value = trainer.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < low:
+            raise ConfigError(f"trainer.{key}={value} is out of range: give {accepted}")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and (devices == 0 or devices < -1):
+        raise ConfigError(f"trainer.devices={devices} is out of range: give the number of devices (>= 1), -1 for "
+                          f"all of them, a list of device indices, or auto")
+    for split in ("train", "val", "test", "predict"):
+        key = f"limit_{split}_batches"
+        value = trainer.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if (isinstance(value, int) and value < 0) or (isinstance(value, float) and not 0.0 <= value <= 1.0
+                                                      and not (value > 1 and value % 1 == 0)):
+            raise ConfigError(f"trainer.{key}={value} is out of range: give a fraction in [0.0, 1.0] or a number "
+                              f"of batches (an int >= 0)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool):
+        if interval <= 0 or (isinstance(interval, float) and interval > 1.0):
+            raise ConfigError(f"trainer.val_check_interval={interval} is out of range: give a fraction of the "
+                              f"epoch in (0.0, 1.0] or a number of training batches (an int >= 1)")
+    clip = trainer.get("gradient_clip_val")
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip < 0:
+        raise ConfigError(f"trainer.gradient_clip_val={clip} is out of range: give a value >= 0 (0 or null: no "
+                          f"clipping)")
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str) and strategy.lower() not in strategy_names():
+        names = strategy_names()
+        hint, shown = close_matches(strategy.lower(), names), ", ".join(n for n in names if "find_unused" not in n)
+        raise ConfigError(f"trainer.strategy={strategy!r} is not a strategy name{hint}: use one of {shown}, or a "
+                          f"strategy class (experiments/strategy/*.yaml)")
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() not in accelerator_names():
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is not an accelerator name"
+                          f"{close_matches(accelerator.lower(), accelerator_names())}: use one of "
+                          f"{', '.join(accelerator_names())}")
+
+
+def check_machine(config: Any) -> None:
+    """Whether this machine has the accelerator and device count the config asks for: ``trainer.accelerator: gpu``
+    (or ``cuda``) without a CUDA device, or more CUDA devices than are visible, is refused in one line. Separate from
+    :func:`check_config`, which judges a config as it would run where it is meant to (e.g. the GPU experiments, on
+    a machine without one)."""
+    trainer = _as_dict(config).get("trainer") or {}
+    accelerator = trainer.get("accelerator")
+    if not isinstance(accelerator, str) or accelerator.lower() not in ("gpu", "cuda"):
+        return
+    name = accelerator.lower()
+    mps = name == "gpu" and torch.backends.mps.is_available()
+    if not torch.cuda.is_available() and not mps:
+        kind = "GPU" if name == "gpu" else "CUDA"
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no {kind} device "
+                          f"(torch.cuda.is_available() is False): use --trainer.accelerator cpu (or auto), or run on "
+                          f"a machine with a GPU")
+    devices, count = trainer.get("devices"), torch.cuda.device_count()
+    if not mps and isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
+        raise ConfigError(f"trainer.devices={devices} but this machine has {count} CUDA device(s): give at most "
+                          f"{count}, or -1 for all of them")
+
+
 def check_config(config: Any) -> None:
-    """Refuse impossible combinations in a merged config before any class is instantiated."""
+    """Refuse impossible values and combinations in a merged config before any class is instantiated."""
     cfg = _as_dict(config)
     trainer = cfg.get("trainer") or {}
+    check_trainer_values(trainer)
     model = cfg.get("model") or {}
     init = (model.get("init_args") or {}) if isinstance(model, dict) else {}
     family = strategy_family(trainer.get("strategy"))
