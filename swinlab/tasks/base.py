@@ -70,6 +70,42 @@ def _is_fsdp1(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
+def check_range(key: str, value: Any, low: float, high: float = float("inf"), *, low_open: bool = False,
+                high_open: bool = False, hint: str = "") -> None:
+    """``model.init_args.<key>`` must lie between ``low`` and ``high`` (open or closed ends): one ConfigError line
+    naming the key, the value and the accepted range otherwise. None is not checked (an unset optional value)."""
+    if value is None or isinstance(value, bool):
+        return
+    bad = value < low or (low_open and value == low) or value > high or (high_open and value == high)
+    if bad or value != value:  # NaN is in no range
+        if high == float("inf"):
+            accepted = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            accepted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"model.init_args.{key}={value!r} is out of range: it must be {accepted}"
+                          f"{f' ({hint})' if hint else ''}")
+
+
+def check_recipe(hparams: Any) -> None:
+    """The optimizer recipe's values (:data:`RECIPE_HPARAMS`) in their ranges, before anything is built: AdamW and the
+    schedule would otherwise stop at the first step with a traceback (or train with a negative LR)."""
+    get = hparams.get
+    check_range("base_lr", get("base_lr"), 0.0, low_open=True, hint="the peak learning rate per 512 images")
+    check_range("warmup_lr", get("warmup_lr"), 0.0, hint="the learning rate the warmup starts from")
+    check_range("min_lr", get("min_lr"), 0.0, hint="the learning rate the cosine schedule ends at")
+    check_range("weight_decay", get("weight_decay"), 0.0)
+    check_range("warmup_epochs", get("warmup_epochs"), 0.0)
+    check_range("warmup_steps", get("warmup_steps"), 0, hint="null: warmup_epochs decides")
+    check_range("eps", get("eps"), 0.0, low_open=True)
+    betas = get("betas")
+    if betas is not None:
+        if len(betas) != 2:
+            raise ConfigError(f"model.init_args.betas={list(betas)!r} must be two numbers (AdamW's beta1, beta2), "
+                              f"e.g. [0.9, 0.999]")
+        for i, beta in enumerate(betas):
+            check_range(f"betas[{i}]", beta, 0.0, 1.0, high_open=True, hint="e.g. [0.9, 0.999]")
+
+
 class SwinTask:
     """Mixin for LightningModules that hold a registry Swin as ``self.model`` (named ``self.model_name``) and have
     ``sharding`` / ``compile`` / ``empty_init`` hyperparameters and the recipe ones (:data:`RECIPE_HPARAMS`).
@@ -92,7 +128,9 @@ class SwinTask:
     # -- checks -------------------------------------------------------------------------------------------------------
     def check_hparams(self) -> None:
         """Checks on the constructor arguments that every task makes, right after ``save_hyperparameters()``: the
-        ``sharding`` options, and ``empty_init`` with an EMA copy (tasks that have ``ema_decay``)."""
+        recipe values (:func:`check_recipe`), the ``sharding`` options, and ``empty_init`` with an EMA copy (tasks that
+        have ``ema_decay``)."""
+        check_recipe(self.hparams)
         check_sharding(self.hparams.get("sharding"))
         if self.hparams.get("empty_init") and self.hparams.get("ema_decay") is not None:
             raise ConfigError("ema_decay is set with empty_init: the EMA copy is made in __init__, from a model that "

@@ -9,7 +9,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import ConfigError
-from .base import SwinTask, build_model
+from ..training.preflight import close_matches
+from .base import SwinTask, build_model, check_range
 from .optim import param_groups
 
 
@@ -76,7 +77,14 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ConfigError(f"layer_decay={layer_decay} must be in (0, 1]: e.g. 0.9 for fine-tuning, null for off")
         if mixup_mode not in ("batch", "pair", "elem"):
-            raise ConfigError(f"mixup_mode={mixup_mode!r} is unknown: use batch, pair or elem")
+            raise ConfigError(f"model.init_args.mixup_mode={mixup_mode!r} is unknown"
+                              f"{close_matches(mixup_mode, ('batch', 'pair', 'elem'))}: use batch, pair or elem")
+        check_range("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True, hint="0 for off, e.g. 0.1")
+        check_range("mixup", mixup, 0.0, hint="Mixup's alpha, 0 for off")
+        check_range("cutmix", cutmix, 0.0, hint="CutMix's alpha, 0 for off")
+        check_range("mixup_prob", mixup_prob, 0.0, 1.0)
+        check_range("mixup_switch_prob", mixup_switch_prob, 0.0, 1.0)
+        check_range("ema_decay", ema_decay, 0.0, 1.0, high_open=True, hint="e.g. 0.9998, null for off")
         kwargs = dict(model_kwargs or {})
         for key in ("num_classes", "checkpoint"):
             if key in kwargs:

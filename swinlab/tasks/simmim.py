@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from .base import SwinTask, build_model
+from .base import SwinTask, build_model, check_range
 from .optim import param_groups
 
 
@@ -87,6 +87,8 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.check_hparams()
+        check_range("mask_patch_size", mask_patch_size, 1, hint="a multiple of the model's patch size, e.g. 32")
+        check_range("log_images", log_images, 0, hint="0 for none")
         kwargs = dict(model_kwargs or {})
         if "num_classes" in kwargs:
             raise ConfigError("model_kwargs.num_classes is not used in SimMIM pretraining (the encoder has no head): "
