@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import infer_num_classes, load_into_model, read_checkpoint
 from .config import RUNTIME_FIELDS, SwinConfig, per_stage
+from .hub import HF_PREFIX, build_pretrained_cfg, fetch, is_remote, list_tags, resolve_tag, split_tag, weights_source
 from .registry import get_variant
 from .swin import SwinTransformer, stage_geometry
 
@@ -21,14 +22,30 @@ def cpb_source_windows(config: SwinConfig) -> List[List[int]]:
     return [list(p if p[0] > 0 else g["window"]) for p, g in zip(pretrained, geometry)]
 
 
+def _hub_architecture(repo: str) -> str:
+    """The architecture (and tag) a ``hf-hub:org/name[@rev]`` model name stands for: timm names its repos
+    ``arch.tag``."""
+    arch, tag = split_tag(repo.split("@")[0].split("/")[-1])
+    try:
+        name = get_variant(arch).name
+    except ConfigError:
+        raise ConfigError(f"cannot tell the architecture of {HF_PREFIX}{repo} from its name: call "
+                          f"create_model(<architecture>, checkpoint='{HF_PREFIX}{repo}')") from None
+    return f"{name}.{tag}" if tag in list_tags(name) else name  # a timm tag: its pretrained_cfg
+
+
 def create_model(
         name: str,
         *,
+        pretrained: Union[bool, str] = False,
         checkpoint: Optional[str] = None,
         img_size: Optional[Union[int, Sequence[int]]] = None,
         window_size: Optional[Union[int, Sequence[Any]]] = None,
         pretrained_window_size: Optional[Union[int, Sequence[Any]]] = None,
         num_classes: Optional[int] = None,
+        features_only: bool = False,
+        out_indices: Optional[Union[int, Sequence[int]]] = None,
+        feature_fmt: str = "NHWC",
         **overrides: Any,
 ) -> SwinTransformer:
     """Build a registry model, optionally loading ``checkpoint`` and moving it to another size/window.
@@ -37,13 +54,40 @@ def create_model(
     other :class:`~swinlab.models.config.SwinConfig` fields. With a checkpoint: V1 bias tables are resized
     bicubically, V2's CPB MLP is re-evaluated with ``pretrained_window_size`` set to the checkpoint's windows (unless
     given). ``checkpoint`` may be a swinlab safetensors file or Lightning .ckpt (their saved config gives the source
-    geometry), a timm state_dict, or an official microsoft/Swin-Transformer checkpoint.
+    geometry), a timm state_dict, or an official microsoft/Swin-Transformer checkpoint; ``hf-hub:org/repo[@rev]``
+    (downloaded through the Hugging Face cache) or an ``http(s)://`` URL (through the torch.hub cache).
+
+    Pretrained weights by timm's names: ``create_model("swinv2_tiny_window8_256.ms_in1k", pretrained=True)``, or
+    the architecture with ``pretrained=True`` (timm's default tag) or ``pretrained="ms_in1k"`` (that tag), or the
+    name ``"hf-hub:timm/<arch>.<tag>"``. ``model.pretrained_cfg`` is timm's config of that tag (input size, mean/std,
+    crop) at the model's own size. ``features_only=True``: a feature extractor returning the maps of stages
+    ``out_indices`` (default all) as timm's ``features_only`` Swin models do (NHWC; ``feature_fmt="NCHW"``), with
+    ``feature_info`` (:meth:`~swinlab.models.swin.SwinTransformer.as_features`).
     """
-    variant = get_variant(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"model name must be a string, got {name!r}")
+    if name.startswith(HF_PREFIX):  # timm's hf-hub:org/arch.tag model names: the repo gives the weights
+        if checkpoint is not None or pretrained:
+            raise ConfigError(f"{name} already names its weights: drop checkpoint=/pretrained=")
+        checkpoint, name = name, _hub_architecture(name[len(HF_PREFIX):])
+    arch, tag = split_tag(name)
+    if isinstance(pretrained, str) and pretrained:
+        if tag is not None and tag != pretrained:
+            raise ConfigError(f"{name} and pretrained={pretrained!r} name two tags: give one")
+        tag, pretrained = pretrained, True
+    variant = get_variant(arch)
+    tag_classes = None
+    if tag is not None or pretrained:
+        cfg = resolve_tag(variant.name, tag)  # one line naming the tags there are if this one is not
+        tag, tag_classes = cfg["tag"], cfg.get("num_classes")
+        if pretrained:
+            if checkpoint is not None:
+                raise ConfigError(f"pretrained=True and checkpoint={checkpoint!r} both give weights: pass one")
+            checkpoint = weights_source(cfg)
     source = variant.config
     state_dict = None
     if checkpoint is not None:
-        state_dict, meta = read_checkpoint(checkpoint)
+        state_dict, meta = read_checkpoint(fetch(checkpoint) if is_remote(checkpoint) else checkpoint)
         saved: Optional[SwinConfig] = meta.get("config")
         if saved is not None:  # a swinlab file knows the geometry it was saved at
             ours, theirs = variant.config.resolved(), saved.resolved()
@@ -64,6 +108,8 @@ def create_model(
         inferred = infer_num_classes(state_dict)
         if inferred is not None:
             changes["num_classes"] = inferred
+    elif tag_classes:  # as timm: "arch.tag" has the tag's classifier (e.g. 21841 classes for ImageNet-22k)
+        changes["num_classes"] = tag_classes
     target = source.replace(**changes)
     moved = img_size is not None or window_size is not None
     if pretrained_window_size is not None:
@@ -72,7 +118,12 @@ def create_model(
         target = target.replace(pretrained_window_size=cpb_source_windows(source))
     model = SwinTransformer(target)
     model.variant_name = variant.name
+    model.pretrained_cfg = build_pretrained_cfg(model.config, variant.name, tag)
     if state_dict is not None:
         load_into_model(model, state_dict, source=source, checkpoint=str(checkpoint),
                         reset_head=num_classes is not None)
+    if features_only:
+        model.as_features(out_indices, feature_fmt)
+    elif out_indices is not None:
+        raise ConfigError("out_indices is for features_only=True models: add features_only=True, or drop it")
     return model

@@ -39,6 +39,7 @@ from ..errors import ConfigError
 from .config import CHOICES as CHOICES  # re-exported: the switches and their presets are defined in config
 from .config import PRESETS as PRESETS
 from .config import Int2, SwinConfig, per_stage, to_2tuple
+from .hub import build_pretrained_cfg
 
 MASK_VALUE = -100.0  # the value the reference implementations add between shifted regions
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # V2: tau >= 0.01, so the cosine logits are scaled by at most 100
@@ -168,6 +169,44 @@ def _random_(param: torch.Tensor, fill) -> None:
     full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
     fill(full)
     local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0).to_local())
+
+
+def take_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """timm's ``indices`` convention: None -> every stage, an int n -> the last n, a sequence -> those stages
+    (negative ones counted from the end). Returns (sorted stage indices, the largest)."""
+    if indices is None:
+        taken = list(range(num_stages))
+    elif isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ConfigError(f"indices={indices} asks for the last {indices} of {num_stages} stages: use 1 to "
+                              f"{num_stages}, or a list of stage indices")
+        taken = list(range(num_stages - indices, num_stages))
+    else:
+        taken = []
+        for i in indices:
+            j = int(i) + num_stages if int(i) < 0 else int(i)
+            if not 0 <= j < num_stages:
+                raise ConfigError(f"stage index {i} is out of range for {num_stages} stages: use 0 to "
+                                  f"{num_stages - 1} (or -1 for the last)")
+            taken.append(j)
+    return taken, max(taken)
+
+
+class FeatureInfoList(list):
+    """``feature_info``: a list of dicts (``num_chs``, ``reduction``, ``module``, and ``index`` for a features-only
+    model), with the accessors of timm's ``FeatureInfo``."""
+
+    def channels(self) -> List[int]:
+        return [d["num_chs"] for d in self]
+
+    def reduction(self) -> List[int]:
+        return [d["reduction"] for d in self]
+
+    def module_name(self) -> List[str]:
+        return [d["module"] for d in self]
+
+    def get_dicts(self) -> List[Dict[str, Any]]:
+        return [dict(d) for d in self]
 
 
 def _autocast_off(device: torch.device):
@@ -537,8 +576,17 @@ class SwinTransformer(nn.Module):
         dims = cfg.stage_dims()
         self.num_features = dims[-1]
         self.geometry = stage_geometry(cfg.img_size, cfg.patch_size, cfg.window_size, cfg.num_stages)
-        self.feature_info = [dict(num_chs=dims[i], reduction=cfg.patch_size * 2 ** i, module=f"layers.{i}")
-                             for i in range(self.num_layers)]
+        self.head_hidden_size = self.num_features
+        self.feature_info = FeatureInfoList(
+            dict(num_chs=dims[i], reduction=cfg.patch_size * 2 ** i, module=f"layers.{i}")
+            for i in range(self.num_layers))
+        # features-only mode (create_model(..., features_only=True)): forward returns the maps of these stages
+        self.features_only = False
+        self.out_indices: List[int] = []
+        self.feature_fmt = "NHWC"
+        # timm's data config for this model (timm.data.resolve_data_config(model=...)); create_model fills it from
+        # timm's pretrained config of the matching tag
+        self.pretrained_cfg: Dict[str, Any] = build_pretrained_cfg(cfg)
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dims[0])
         depths = cfg.depths
@@ -702,8 +750,41 @@ class SwinTransformer(nn.Module):
         """Parameter-name fragments that the official recipe trains without weight decay."""
         return {"relative_position_bias_table", "cpb_mlp", "logit_scale"}
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """timm's API: the names of the parameters trained without weight decay (those holding one of
+        :meth:`no_weight_decay_keywords`: V1's bias tables, V2's CPB MLP and logit scales), as timm's
+        ``SwinTransformer`` / ``SwinTransformerV2`` name them."""
+        keywords = self.no_weight_decay_keywords()
+        return {n for n, _ in self.named_parameters() if any(kw in n for kw in keywords)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's API: regexes grouping the parameters into the stem, one group per stage (``coarse``) or per
+        patch merging and block, and the final norm (``timm.models.group_parameters``; layer-wise LR decay)."""
+        return dict(
+            stem=r"^patch_embed" if self.config.version == "v1" else r"^absolute_pos_embed|patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+).downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ])
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name for :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new (re-initialised) classifier for ``num_classes`` (0: none, ``forward`` gives pooled features)."""
+        if global_pool not in (None, "avg"):
+            raise ConfigError(f"global_pool={global_pool!r}: swinlab's head pools by average only, use 'avg'")
         self.num_classes = num_classes
+        self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
         self.config = self.config.replace(num_classes=num_classes)
         self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate)
         self.head.apply(self._init_weights)
@@ -717,26 +798,89 @@ class SwinTransformer(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
-                mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Images -> logits. With ``token_mask`` (B, H/patch, W/patch) bool and ``mask_token`` (C,): masked image
-        modelling (SimMIM): the patch tokens where the mask is True are replaced by ``mask_token`` and the final
-        normalised feature map (B, H/32, W/32, C_last) is returned. Both go through the module's own call, so a
-        sharded (FSDP2) model gathers its root parameters as for a plain forward."""
+                mask_token: Optional[torch.Tensor] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Images -> logits (a features-only model: its feature maps, see :meth:`as_features`). With ``token_mask``
+        (B, H/patch, W/patch) bool and ``mask_token`` (C,): masked image modelling (SimMIM): the patch tokens where
+        the mask is True are replaced by ``mask_token`` and the final normalised feature map (B, H/32, W/32, C_last)
+        is returned. Both go through the module's own call, so a sharded (FSDP2) model gathers its root parameters
+        as for a plain forward."""
         if token_mask is None:
+            if self.features_only:
+                return self.forward_intermediates(x, self.out_indices, stop_early=True, output_fmt=self.feature_fmt,
+                                                  intermediates_only=True)
             return self.forward_head(self.forward_features(x))
         z = self.patch_embed(x)
         w = token_mask.unsqueeze(-1).to(z.dtype)
         z = z * (1.0 - w) + mask_token.to(z.dtype) * w
         return self.norm(self.layers(z))
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, Sequence[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's API: the feature maps of the stages in ``indices`` (None: all, an int n: the last n, a list: those,
+        negative from the end), as ``output_fmt`` "NCHW" (timm's format) or "NHWC" (swinlab's blocks' own
+        layout, no copy). ``norm`` applies the final norm to the last stage's map, ``stop_early`` stops after the
+        last stage asked for. Returns the maps, or (final normalised NHWC features, maps) unless
+        ``intermediates_only``; the final features are those of the last stage run, normalised only if it is the
+        model's last."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ConfigError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'")
+        num_stages = len(self.layers)
+        taken, last = take_indices(num_stages, indices)
+        stages = self.layers[:last + 1] if stop_early else self.layers
+        x = self.patch_embed(x)
+        intermediates = []
+        i = 0
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in taken:
+                y = self.norm(x) if norm and i == num_stages - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if i == num_stages - 1:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's API: drop the stages after the last of ``indices`` (and then the final norm and head, which fit
+        only the last stage), the final norm if ``prune_norm``, the classifier if ``prune_head``. Returns the
+        stage indices kept for :meth:`forward_intermediates`."""
+        taken, last = take_indices(len(self.layers), indices)
+        prune_end = last < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:last + 1]
+        self.num_layers = len(self.layers)
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return taken
+
+    def as_features(self, out_indices: Optional[Union[int, Sequence[int]]] = None,
+                    output_fmt: str = "NHWC") -> SwinTransformer:
+        """Turn this model into a feature extractor in place (``create_model(..., features_only=True)``):
+        ``forward`` returns the un-normalised maps of the stages ``out_indices`` (default all), NHWC as timm's
+        ``features_only`` Swin models give them (or ``output_fmt="NCHW"``); the later stages, final norm and head
+        are dropped; ``feature_info`` lists the maps returned."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ConfigError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'")
+        infos = self.feature_info
+        taken = self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True)
+        self.features_only, self.out_indices, self.feature_fmt = True, taken, output_fmt
+        self.feature_info = FeatureInfoList(dict(infos[i], index=i) for i in taken)
+        return self
+
     def forward_pyramid(self, x: torch.Tensor, norm_last: bool = False) -> List[torch.Tensor]:
         """Multi-scale features for detection/segmentation: one NCHW map per stage, strides
         patch_size * (1, 2, 4, 8) (4/8/16/32 for the standard models). ``norm_last`` applies the final norm
-        to the last map."""
-        x = self.patch_embed(x)
-        outs = []
-        for i, stage in enumerate(self.layers):
-            x = stage(x)
-            y = self.norm(x) if norm_last and i == self.num_layers - 1 else x
-            outs.append(y.permute(0, 3, 1, 2).contiguous())
-        return outs
+        to the last map. (:meth:`forward_intermediates` with every stage.)"""
+        return self.forward_intermediates(x, norm=norm_last, intermediates_only=True)

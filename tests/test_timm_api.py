@@ -1,0 +1,156 @@
+"""timm's model API on swinlab's model (issue #13): forward_intermediates / prune_intermediate_layers,
+features_only with feature_info, pretrained_cfg for timm's data config, no_weight_decay / group_matcher, and
+swinlab's variants in timm's registry as ``swinlab_<name>``; each checked against timm's twin on the same weights."""
+import pytest
+import timm
+import torch
+from conftest import randomize_
+from safetensors.torch import save_file
+from test_models import PICO, timm_twin
+from timm.data import resolve_data_config
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay
+
+import swinlab
+from swinlab.errors import ConfigError
+from swinlab.models import SwinTransformer, create_model
+
+NAMES = ["swin_pico_patch2_window4_32", "swinv2_pico_patch2_window4_32"]
+TIMM_ARCH = {"swin_pico_patch2_window4_32": "swin_tiny_patch4_window7_224",
+             "swinv2_pico_patch2_window4_32": "swinv2_tiny_window8_256"}
+
+
+def _pair(name):
+    ref = randomize_(timm_twin(name)).eval()
+    ours = create_model(name).eval()
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    return ours, ref
+
+
+def _x(seed=0, size=32):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(a, b, tol=1e-5):
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _same(u, v, tol)
+        return
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_intermediates_equal_timm(name):
+    ours, ref = _pair(name)
+    x = _x()
+    calls = [dict(), dict(indices=2), dict(indices=[0, -1], norm=True), dict(indices=[1], stop_early=True),
+             dict(indices=[0, 3], stop_early=True, norm=True), dict(intermediates_only=True)]
+    with torch.no_grad():
+        for kw in calls:
+            _same(ours.forward_intermediates(x, **kw), ref.forward_intermediates(x, **kw))
+        nhwc = ours.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
+        nchw = ref.forward_intermediates(x, intermediates_only=True)
+        _same([t.permute(0, 3, 1, 2) for t in nhwc], nchw)
+        _same(ours.forward_pyramid(x, norm_last=True), ref.forward_intermediates(x, norm=True,
+                                                                                 intermediates_only=True))
+    with pytest.raises(ConfigError, match="output_fmt"):
+        ours.forward_intermediates(x, output_fmt="NLC")
+    with pytest.raises(ConfigError, match="out of range"):
+        ours.forward_intermediates(x, indices=[4])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("indices,prune_norm", [([1], False), (2, True), ([0, 3], False)])
+def test_prune_intermediate_layers_equals_timm(name, indices, prune_norm):
+    ours, ref = _pair(name)
+    assert ours.prune_intermediate_layers(indices, prune_norm=prune_norm) == \
+        ref.prune_intermediate_layers(indices, prune_norm=prune_norm)
+    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+    assert ours.num_features == ref.num_features
+    x = _x(1)
+    with torch.no_grad():
+        _same(ours.forward_intermediates(x, indices), ref.forward_intermediates(x, indices))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_features_only_equals_timms_features_only_model(tmp_path, name):
+    full = randomize_(timm_twin(name))
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    ref = timm.create_model(TIMM_ARCH[name], pretrained=True, features_only=True, out_indices=(1, 3),
+                            pretrained_cfg_overlay=dict(file=str(path)), **PICO).eval()
+    ours = create_model(name, checkpoint=str(path), features_only=True, out_indices=(1, 3)).eval()
+    via_timm = timm.create_model(f"swinlab_{name}", checkpoint=str(path), features_only=True,
+                                 out_indices=(1, 3)).eval()
+    assert isinstance(via_timm, SwinTransformer)
+    assert ours.feature_info == ref.feature_info.get_dicts()
+    assert ours.feature_info.channels() == ref.feature_info.channels() == [32, 128]
+    assert ours.feature_info.reduction() == ref.feature_info.reduction() == [4, 16]
+    x = _x(2)
+    with torch.no_grad():
+        expected = ref(x)
+        _same(ours(x), expected)  # NHWC, un-normalised, as timm's
+        _same(via_timm(x), expected)
+    assert any(k.startswith("layers.3.") for k in ours.state_dict())  # stage 3 is an output: kept
+    assert not any(k.startswith(("norm.", "head.fc")) for k in ours.state_dict())  # final norm and head: dropped
+    nchw = create_model(name, checkpoint=str(path), features_only=True, out_indices=[-1], feature_fmt="NCHW")
+    with torch.no_grad():
+        _same(nchw.eval()(x), [expected[-1].permute(0, 3, 1, 2)])
+    with pytest.raises(ConfigError, match="features_only"):
+        create_model(name, out_indices=(1,))
+
+
+def test_pretrained_cfg_gives_timms_data_config_at_the_models_own_size():
+    with torch.device("meta"):
+        ours = create_model("swinv2_tiny_window8_256")
+        ref = timm.create_model("swinv2_tiny_window8_256")
+        small = create_model("swinv2_tiny_window8_256", img_size=128, num_classes=10)
+        tagged = create_model("swin_base_patch4_window7_224.ms_in22k")
+    assert resolve_data_config(model=ours) == resolve_data_config(model=ref)
+    assert resolve_data_config(model=ours)["input_size"] == (3, 256, 256)
+    assert ours.pretrained_cfg["hf_hub_id"] == ref.pretrained_cfg["hf_hub_id"] == "timm/swinv2_tiny_window8_256.ms_in1k"
+    assert resolve_data_config(model=small)["input_size"] == (3, 128, 128)
+    assert small.pretrained_cfg["num_classes"] == 10 and small.pretrained_cfg["pool_size"] == (4, 4)
+    assert tagged.pretrained_cfg["tag"] == "ms_in22k" and tagged.pretrained_cfg["num_classes"] == 21841
+    pico = create_model("swinv2_pico_patch2_window4_32", num_classes=10)  # no timm cfg: built from the config
+    cfg = resolve_data_config(model=pico)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9
+    assert pico.default_cfg is pico.pretrained_cfg and pico.pretrained_cfg["num_classes"] == 10
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_weight_decay_and_group_matcher_equal_timms(name):
+    ours, ref = _pair(name)
+    assert ours.no_weight_decay() == ref.no_weight_decay() and ours.no_weight_decay()
+    for coarse in (False, True):
+        assert ours.group_matcher(coarse) == ref.group_matcher(coarse)
+        groups = group_parameters(ours, ours.group_matcher(coarse))
+        ref_groups = group_parameters(ref, ref.group_matcher(coarse))
+        # the same groups (V1's patch merging registers its norm after the reduction, timm's before)
+        assert {k: sorted(v) for k, v in groups.items()} == {k: sorted(v) for k, v in ref_groups.items()}
+
+    def layer_decay_groups(model):
+        groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
+                                          layer_decay=0.8)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return sorted((g["lr_scale"], g["weight_decay"], tuple(sorted(names[id(p)] for p in g["params"])))
+                      for g in groups)
+
+    assert layer_decay_groups(ours) == layer_decay_groups(ref)
+
+
+def test_swinlab_variants_in_timms_registry():
+    names = timm.list_models(module="timm_models")
+    assert sorted(names) == sorted(f"swinlab_{n}" for n in swinlab.list_models())
+    assert not [n for n in set(timm.list_models()) - set(names) if n.startswith("swinlab")]  # timm's own: no clash
+    model = timm.create_model("swinlab_swinv2_pico_patch2_window4_32", num_classes=5, drop_path_rate=0.0)
+    assert isinstance(model, SwinTransformer) and model.num_classes == 5
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    with pytest.raises(ConfigError, match="no public pretrained weights"):
+        timm.create_model("swinlab_swinv2_pico_patch2_window4_32", pretrained=True)
+    with pytest.raises(ConfigError, match="unknown pretrained tag 'nope'"):
+        timm.create_model("swinlab_swinv2_tiny_window8_256.nope")
+    assert sorted(swinlab.models.register_timm_models()) == sorted(names)  # registering again: a no-op
+    assert sorted(timm.list_models(module="timm_models")) == sorted(names)
