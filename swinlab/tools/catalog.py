@@ -1,4 +1,5 @@
-"""``python -m swinlab models``: the registered variants with parameters, FLOPs and (``--smoke``) a forward pass."""
+"""``python -m swinlab models``: the registered variants with parameters, FLOPs, timm's pretrained tags (public
+weights: ``create_model("<name>.<tag>", pretrained=True)``) and (``--smoke``) a forward pass."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +10,14 @@ from typing import List
 
 import torch
 
-from ..models import ALIASES, REGISTRY, SwinTransformer, create_model, model_macs
+from ..models import ALIASES, REGISTRY, SwinTransformer, create_model, list_tags, model_macs
 
 
 def main(argv: List[str]) -> int:
     """``argv`` without the command name."""
-    parser = argparse.ArgumentParser(prog="python -m swinlab models",
-                                     description="List registered Swin variants with parameters and FLOPs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m swinlab models",
+        description="List registered Swin variants with parameters, FLOPs and pretrained tags.")
     parser.add_argument("--json", action="store_true", help="one JSON object per variant")
     parser.add_argument("--smoke", action="store_true",
                         help="also run one forward pass of each test-sized variant on the CPU and report its time")
@@ -30,17 +32,19 @@ def main(argv: List[str]) -> int:
         rows.append(dict(name=name, alias=alias_of.get(name, ""), version=cfg.version,
                          img_size=cfg.img_size, window=cfg.window_size,
                          params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                         gflops=round(model_macs(model) / 1e9, 2)))
+                         gflops=round(model_macs(model) / 1e9, 2), pretrained_tags=list_tags(name)))
     if args.json:
         for row in rows:
             print(json.dumps(row))
     else:
-        print("| model | alias | version | img | window | params (M) | GFLOPs |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | alias | version | img | window | params (M) | GFLOPs | pretrained tags |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['name']} | {r['alias']} | {r['version']} | {r['img_size']} | {r['window']} | "
-                  f"{r['params_m']} | {r['gflops']} |")
-        print("\nGFLOPs are multiply-adds per image, as the Swin papers report them.")
+                  f"{r['params_m']} | {r['gflops']} | {', '.join(r['pretrained_tags'])} |")
+        print("\nGFLOPs are multiply-adds per image, as the Swin papers report them. Pretrained tags (timm's, first: "
+              "the default): create_model('<model>.<tag>', pretrained=True) downloads them through the Hugging Face "
+              "cache (HF_HUB_OFFLINE=1 honoured).")
     if args.smoke:
         torch.manual_seed(0)
         for name in ("swin_pico_patch2_window4_32", "swinv2_pico_patch2_window4_32"):
