@@ -227,12 +227,20 @@ class ExportBest(Callback):
     DeepSpeed's ZeRO folder) is read on rank 0 in full fp32: the model's tensors of a distributed checkpoint
     (``torch.distributed.checkpoint``, nothing else), DeepSpeed's through Lightning's
     ``convert_zero_checkpoint_to_fp32_state_dict`` (fp32 master weights). Without a best checkpoint the final
-    weights are gathered from every rank (a collective) and rank 0 writes them."""
+    weights are gathered from every rank (a collective) and rank 0 writes them.
 
-    def __init__(self, filename: str = "best.safetensors", enabled: bool = True):
+    With ``ema`` (default) and a task that keeps an EMA of its weights (``ImageClassifier(ema_decay=...)``), the EMA
+    weights are exported (the checkpoint's ``ema.module.*``), as the official recipe evaluates them; the CLI then
+    also monitors ``val/acc1_ema`` for the best checkpoint."""
+
+    def __init__(self, filename: str = "best.safetensors", enabled: bool = True, ema: bool = True):
         super().__init__()
-        self.filename, self.enabled = filename, enabled
+        self.filename, self.enabled, self.ema = filename, enabled, ema
         self.path: Optional[Path] = None
+        self.exported_ema = False
+
+    def exports_ema(self, pl_module) -> bool:
+        return self.ema and getattr(pl_module, "ema", None) is not None
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.enabled or not hasattr(pl_module, "model_name"):
@@ -242,16 +250,22 @@ class ExportBest(Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = out_dir / self.filename
         state: Optional[Dict[str, torch.Tensor]] = None
+        ema = self.exports_ema(pl_module)
+        prefix = "ema.module." if ema else f"{getattr(pl_module, '_model_attr', 'model')}."
         if best and os.path.isdir(best):
             trainer.strategy.barrier("export_best")
             if trainer.is_global_zero:
-                state = _read_sharded_backbone(best, prefix=f"{getattr(pl_module, '_model_attr', 'model')}.")
+                state = _read_sharded_backbone(best, prefix=prefix)
         elif best and os.path.isfile(best):
-            if trainer.is_global_zero:
+            if trainer.is_global_zero and ema:
+                from .checkpoint_io import load_checkpoint_file
+                state = _backbone_keys(load_checkpoint_file(best).get("state_dict", {}), prefix)
+            elif trainer.is_global_zero:
                 from ..models import read_checkpoint
                 state = read_checkpoint(best)[0]
         else:
-            state = _gather_backbone(pl_module.model)
+            state = _gather_backbone(pl_module.ema.module if ema else pl_module.model)
+        self.exported_ema = ema
         if trainer.is_global_zero and state is not None:
             self._export(pl_module, state, best)
 
