@@ -92,6 +92,20 @@ def test_pretrained_with_another_head_and_size_and_through_timm(hf_cache, weight
     assert torch.equal(via_timm.head.fc.weight, weights[V2_TAG]["head.fc.weight"])
 
 
+def test_hf_repo_with_only_a_pytorch_bin_is_read_weights_only(hf_cache):
+    name = "swin_pico_patch2_window4_32"
+    src = randomize_(timm_twin(name))
+    folder = hf_cache / "models--someone--pico-finetune" / "snapshots" / COMMIT
+    folder.mkdir(parents=True)
+    (hf_cache / "models--someone--pico-finetune" / "refs").mkdir()
+    (hf_cache / "models--someone--pico-finetune" / "refs" / "main").write_text(COMMIT)
+    torch.save(src.state_dict(), folder / "pytorch_model.bin")
+    ours = swinlab.create_model(name, checkpoint="hf-hub:someone/pico-finetune")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), src.eval()(x), atol=1e-5, rtol=1e-5)
+
+
 def test_url_checkpoint_from_the_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     name = "swin_pico_patch2_window4_32"
