@@ -134,10 +134,10 @@ def test_fit_logs_checkpoints_exports_and_resumes(tmp_path, monkeypatch):
     ea = _events(run)
     scalars = set(ea.Tags()["scalars"])
     for tag in ("train/loss", "val/loss", "val/acc1", "val/acc5", "lr-AdamW/decay", "lr-AdamW/no_decay",
-                "train/grad_norm", "train/images_per_sec", "train/peak_mem_bytes", "logit_scale/s0b0",
+                "train/grad_norm", "train/images_per_sec", "train/host_peak_rss_bytes", "logit_scale/s0b0",
                 "logit_scale/s3b1"):
         assert tag in scalars, (tag, sorted(scalars))
-    assert ea.Scalars("train/images_per_sec")[-1].value > 0 and ea.Scalars("train/peak_mem_bytes")[-1].value > 1e6
+    assert ea.Scalars("train/images_per_sec")[-1].value > 0 and ea.Scalars("train/host_peak_rss_bytes")[-1].value > 1e6
     decay = [e.value for e in ea.Scalars("lr-AdamW/decay")]
     assert decay[0] == pytest.approx(5e-7 * 16 / 512) and max(decay) == pytest.approx(0.02 * 16 / 512)
     assert len(ea.Scalars("val/acc1")) == 2

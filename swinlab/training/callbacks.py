@@ -66,10 +66,20 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def peak_rss_bytes() -> float:
+    """This process's peak resident set size since it started (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
+
+
 class TrainingMonitor(Callback):
-    """Logs ``train/images_per_sec``, ``train/peak_mem_bytes`` (CUDA max allocated, else process RSS),
+    """Logs ``train/images_per_sec`` (all ranks), ``train/host_peak_rss_bytes`` (this process's peak resident memory
+    since it started, ``getrusage``), on CUDA ``train/cuda_peak_allocated_bytes`` (``torch.cuda.max_memory_allocated``),
     ``train/grad_norm`` (before clipping) and each V2 block's mean logit scale (``logit_scale/s<i>b<j>``), every
-    ``log_every_n_steps``."""
+    ``log_every_n_steps``. After each validation, ``hp_metric`` (TensorBoard's HPARAMS tab) is the checkpoint
+    callback's best monitored value so far, so runs compare by their best, not by the default -1."""
 
     def __init__(self, log_logit_scales: bool = True):
         super().__init__()
@@ -101,11 +111,9 @@ class TrainingMonitor(Callback):
         if dt > 0 and self._images:
             pl_module.log("train/images_per_sec", self._images / dt, on_step=True, on_epoch=False)
         if pl_module.device.type == "cuda":
-            peak = float(torch.cuda.max_memory_allocated(pl_module.device))
-        else:
-            import psutil
-            peak = float(psutil.Process(os.getpid()).memory_info().rss)
-        pl_module.log("train/peak_mem_bytes", peak, on_step=True, on_epoch=False)
+            pl_module.log("train/cuda_peak_allocated_bytes", float(torch.cuda.max_memory_allocated(pl_module.device)),
+                          on_step=True, on_epoch=False)
+        pl_module.log("train/host_peak_rss_bytes", peak_rss_bytes(), on_step=True, on_epoch=False)
         self._t0, self._images = time.perf_counter(), 0
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         if engine is not None:  # DeepSpeed keeps the gradients in its own buffers; it computed the norm to clip
@@ -128,6 +136,14 @@ class TrainingMonitor(Callback):
                     value = _whole(attn.logit_scale.detach()).float().clamp(max=LOGIT_SCALE_MAX).exp().mean()
                     pl_module.log(name, value, on_step=True, on_epoch=False)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        ckpt = trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_score", None)
+        logger = _tensorboard_logger(trainer)
+        if trainer.sanity_checking or best is None or logger is None or not trainer.is_global_zero:
+            return
+        logger.log_metrics({"hp_metric": float(best)}, step=trainer.global_step)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._due(trainer) or getattr(trainer.strategy, "deepspeed_engine", None) is not None:
             return
@@ -137,24 +153,56 @@ class TrainingMonitor(Callback):
             pl_module.log("train/grad_norm", grad_total_norm(params), on_step=True, on_epoch=False)
 
 
-def _normalise(t: torch.Tensor) -> torch.Tensor:
-    lo = t.amin(dim=(-2, -1), keepdim=True)
-    hi = t.amax(dim=(-2, -1), keepdim=True)
-    return (t - lo) / (hi - lo).clamp_min(1e-12)
+def offset_table(attn: torch.nn.Module, bias: torch.Tensor) -> torch.Tensor:
+    """(heads, N, N) position bias of a window -> (heads, 2Wh-1, 2Ww-1): the bias per relative offset (dy, dx), read
+    through the attention module's ``relative_position_index`` (every token pair with the same offset shares it)."""
+    wh, ww = attn.window
+    index = attn.relative_position_index.reshape(-1).to(bias.device)
+    table = torch.zeros(bias.shape[0], (2 * wh - 1) * (2 * ww - 1), dtype=bias.dtype, device=bias.device)
+    table[:, index] = bias.reshape(bias.shape[0], -1)
+    return table.reshape(bias.shape[0], 2 * wh - 1, 2 * ww - 1)
 
 
-def head_grid(maps: torch.Tensor, pad: int = 1) -> torch.Tensor:
-    """(heads, N, N) -> one (1, H, W) image: the heads side by side, each scaled to [0, 1]."""
-    from torchvision.utils import make_grid
-    imgs = _normalise(maps.detach().float().cpu())[:, None]
-    return make_grid(imgs, nrow=imgs.shape[0], padding=pad, pad_value=1.0)[:1]
+def heatmaps(maps: torch.Tensor, title: str, xlabel: str, ylabel: str, offsets: bool = False, max_heads: int = 16):
+    """A matplotlib figure: one heatmap per head (at most ``max_heads``) on one shared colour scale with a colour bar;
+    with ``offsets`` the axes are the relative offsets -(W-1)..W-1 (position bias), else token indices (attention)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = maps.detach().float().cpu()[:max_heads]
+    heads = maps.shape[0]
+    cols = min(heads, 4)
+    rows = -(-heads // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.8, 2.5 * rows + 0.5), squeeze=False,
+                             constrained_layout=True)
+    lo, hi = float(maps.min()), float(maps.max())
+    for h in range(rows * cols):
+        ax = axes[h // cols][h % cols]
+        if h >= heads:
+            ax.axis("off")
+            continue
+        height, width = maps.shape[1:]
+        extent = None
+        if offsets:
+            ry, rx = (height - 1) // 2, (width - 1) // 2
+            extent = (-rx - 0.5, rx + 0.5, ry + 0.5, -ry - 0.5)
+        im = ax.imshow(maps[h].numpy(), cmap="viridis", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 class AttentionImages(Callback):
-    """Once per validation epoch: each stage's position bias per head (first block; V1 table or V2 CPB output) as
-    ``position_bias/stage<i>`` and the attention of one validation image's first window in the last shifted block
-    of stage 0 as ``attention/stage0``. TensorBoard only. Under FSDP2 and DeepSpeed ZeRO-3 the blocks' parameters
-    are gathered on every rank (a collective, once per validation) and rank 0 writes."""
+    """Once per validation epoch: each stage's position bias per head (first block; V1 table or V2 CPB output) over
+    the relative offsets (dy, dx) as ``position_bias/stage<i>`` and the attention probabilities of one validation
+    image's first window in the last shifted block of stage 0 (query token x key token) as ``attention/stage0``: one
+    labelled heatmap per head with a colour bar (up to 16 heads). TensorBoard only. Under FSDP2 and DeepSpeed ZeRO-3
+    the blocks' parameters are gathered on every rank (a collective, once per validation) and rank 0 writes."""
 
     def __init__(self, enabled: bool = True):
         super().__init__()
@@ -182,12 +230,19 @@ class AttentionImages(Callback):
         images = self.images(model, sample, pl_module.device)
         writer = _tensorboard(trainer)
         if trainer.is_global_zero and writer is not None:
-            for tag, img in images:
-                writer.add_image(tag, img, trainer.global_step)
+            for tag, maps in images:
+                if tag.startswith("position_bias/"):
+                    fig = heatmaps(maps, f"{tag}: bias by relative offset, step {trainer.global_step}", "dx", "dy",
+                                   offsets=True)
+                else:
+                    fig = heatmaps(maps, f"{tag}: attention in window 0, step {trainer.global_step}", "key token",
+                                   "query token")
+                writer.add_figure(tag, fig, trainer.global_step, close=True)
 
     @staticmethod
     def images(model: torch.nn.Module, sample: Optional[torch.Tensor], device: torch.device) -> List[Any]:
-        """[(tag, (1, H, W) image)]: position bias per stage and, given a sample image, stage-0 attention."""
+        """[(tag, per-head maps)]: the position bias per stage as (heads, 2Wh-1, 2Ww-1) offset tables and, given a
+        sample image, stage-0 attention probabilities of the first window as (heads, N, N)."""
         out: List[Any] = []
         was_training = model.training
         model.eval()
@@ -198,7 +253,7 @@ class AttentionImages(Callback):
                     with full_params([blk]):
                         pb = blk.attn.position_bias()
                     if pb is not None:
-                        out.append((f"position_bias/stage{i}", head_grid(pb)))
+                        out.append((f"position_bias/stage{i}", offset_table(blk.attn, pb)))
                 if sample is None:
                     return out
                 blk = model.layers[0].blocks[-1]
@@ -213,7 +268,7 @@ class AttentionImages(Callback):
                     x, mask = captured[0][0], captured[0][1] if len(captured[0]) > 1 else None
                     with full_params([blk]):  # the first window of the first image
                         probs = blk.attn.attention_probs(x[:1, :1], None if mask is None else mask[:1])
-                    out.append(("attention/stage0", head_grid(probs[0, 0])))
+                    out.append(("attention/stage0", probs[0, 0]))
         finally:
             model.train(was_training)
         return out
