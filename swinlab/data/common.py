@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 import torch
@@ -248,4 +248,16 @@ class BaseDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
+        """The validation split (data modules with their own prediction inputs override it)."""
         return self.val_dataloader()
+
+    def predict_inputs(self) -> List[str]:
+        """One name per prediction sample, in the predict loader's order (written into ``predictions.csv``)."""
+        if self.val_set is None:
+            self.setup("predict")
+        return [f"val[{i}]" for i in range(len(self.val_set))]
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """Names of the classes by index, where the data has them (image folders: the folder names)."""
+        return None

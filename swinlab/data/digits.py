@@ -1,7 +1,7 @@
 """scikit-learn's 1,797 real 8x8 handwritten digits: the embedded, download-free default data set."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,10 @@ class DigitsDataModule(BaseDataModule):
         self.img_size = img_pair(img_size)
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.max_shift, self.in_chans = max_shift, in_chans
+
+    @property
+    def class_names(self) -> List[str]:
+        return [str(d) for d in range(10)]
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:

@@ -92,6 +92,42 @@ def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
             return img.convert("RGB")
 
 
+class PredictImages:
+    """Images to predict: the image files under a folder (scanned like a class folder, sorted) or one image file,
+    with the evaluation transforms. Items are (image, -1); ``paths`` names them in order."""
+
+    def __init__(self, path: Path, transform, max_image_pixels: Optional[int], on_corrupt: str = "skip"):
+        if path.is_file():
+            paths = [str(path)] if _is_image(path.name) else []
+        elif path.is_dir():
+            paths = scan_images(path)[0]
+        else:
+            raise ConfigError(f"predict_dir {path} does not exist: give a folder of images or one image file")
+        readable = []
+        for p in paths:  # the header only: an unreadable file is named now, not halfway through the predictions
+            try:
+                from PIL import Image
+                with Image.open(p) as img:
+                    w, h = img.size
+                if max_image_pixels is not None and w * h > max_image_pixels:
+                    raise ValueError(f"{w}x{h} pixels is more than max_image_pixels={max_image_pixels}")
+                readable.append(p)
+            except Exception as exc:  # noqa: BLE001 - whatever the decoder raises
+                if on_corrupt == "error":
+                    raise ConfigError(f"cannot read image {p} ({type(exc).__name__}): remove or replace it, or set "
+                                      f"data.init_args.on_corrupt: skip") from None
+                warnings.warn(f"skipped unreadable image {p} ({type(exc).__name__}): not predicted", stacklevel=2)
+        if not readable:
+            raise ConfigError(f"no readable images under predict_dir {path} ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+        self.paths, self.transform, self.max_image_pixels = readable, transform, max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.paths[index], self.max_image_pixels)), -1
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips unreadable images (warns and counts; the next readable image stands in) or, with
     ``on_corrupt='error'``, stops with the file's name. Whatever the decoder raises counts as unreadable, and so does
@@ -144,7 +180,9 @@ class ImageFolderDataModule(BaseDataModule):
     (224/256 as the official recipe). ``on_corrupt``: ``skip`` (warn and count) or ``error``, for any image the
     decoder cannot read and any image of more than ``max_image_pixels`` pixels (default: PIL's own limit, 89.5 M;
     ``null``: no limit). A folder with only ``train/`` (no ``val_dir`` folder) gets a validation split carved from it:
-    ``val_split`` of each class's images (at least one per class with two or more), chosen by ``seed``."""
+    ``val_split`` of each class's images (at least one per class with two or more), chosen by ``seed``.
+    ``predict_dir`` (a folder of images, searched recursively, or one image file) is what ``python -m swinlab
+    predict`` runs on; without it, predict runs on the validation split."""
 
     def __init__(self, data_dir: str = "data/imagenet", img_size: ImgSize = 224, batch_size: int = 128,
                  train_dir: str = "train", val_dir: str = "val", auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
@@ -152,7 +190,7 @@ class ImageFolderDataModule(BaseDataModule):
                  interpolation: str = "bicubic", crop_pct: float = 224 / 256, on_corrupt: str = "skip",
                  num_workers: int = 8, pin_memory: bool = True, persistent_workers: bool = True, seed: int = 0,
                  eval_batch_size: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-                 val_split: float = 0.1):
+                 val_split: float = 0.1, predict_dir: Optional[str] = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers, seed=seed, eval_batch_size=eval_batch_size)
         if on_corrupt not in ("skip", "error"):
@@ -164,6 +202,8 @@ class ImageFolderDataModule(BaseDataModule):
             raise ConfigError(f"val_split={val_split} must be in (0, 1): the share of each class's training images "
                               f"held out for validation when there is no {val_dir}/ folder")
         self.val_split = float(val_split)
+        self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.predict_set: Optional[PredictImages] = None
         if not 0.0 < crop_pct <= 1.0:
             raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1] (0.875 is 224/256)")
         self.data_dir = Path(data_dir)
@@ -187,7 +227,8 @@ class ImageFolderDataModule(BaseDataModule):
                                 crop_pct=self.crop_pct, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     def prepare_data(self) -> None:
-        self.check()
+        if self.predict_dir is None or self.data_dir.is_dir():
+            self.check()
 
     def check(self) -> List[str]:
         """Validate both folders before training; returns the class names."""
@@ -203,6 +244,27 @@ class ImageFolderDataModule(BaseDataModule):
             raise ConfigError(f"validation classes {extra[:3]} have no training folder in "
                               f"{self.data_dir / self.train_dir}: use the same class folder names in both")
         return train
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        if self.classes is None and self.data_dir.is_dir():
+            self.classes = self.check()
+        return self.classes
+
+    def _predict_set(self) -> Optional[PredictImages]:
+        if self.predict_dir is not None and self.predict_set is None:
+            self.predict_set = PredictImages(self.predict_dir, self.transforms(False), self.max_image_pixels,
+                                             self.on_corrupt)
+        return self.predict_set
+
+    def predict_dataloader(self):
+        if self._predict_set() is None:
+            return super().predict_dataloader()
+        from torch.utils.data import DataLoader
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def predict_inputs(self) -> List[str]:
+        return list(self._predict_set().paths) if self.predict_dir is not None else super().predict_inputs()
 
     def has_val_folder(self) -> bool:
         return (self.data_dir / self.val_dir).exists()
@@ -225,6 +287,9 @@ class ImageFolderDataModule(BaseDataModule):
         return [i for i in range(len(samples)) if i not in chosen], sorted(val)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            self._predict_set()  # the training folders need not exist: the class names come with the checkpoint
+            return
         if self.train_set is not None:
             return
         self.classes = self.check()

@@ -117,6 +117,7 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
         if self.ema is not None:
             self.val_acc1_ema = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.class_names: Optional[List[str]] = None  # from the data (folder names) or the checkpoint
         self.test_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
 
@@ -124,6 +125,9 @@ class ImageClassifier(SwinTask, pl.LightningModule):
     def check_data(self, datamodule: Any) -> None:
         """The data module's class count and image size (where it has them) must be the model's."""
         dm = datamodule
+        names = getattr(dm, "class_names", None)
+        if names and len(names) == self.hparams.num_classes:
+            self.class_names = list(names)  # saved in the checkpoint: predictions name the classes
         n = getattr(dm, "num_classes", None)
         if n is not None and n != self.hparams.num_classes:
             raise ConfigError(f"the data has {n} classes but model.init_args.num_classes is "
@@ -183,7 +187,16 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         probs = self.model(x).softmax(-1)
         conf, pred = probs.max(-1)
-        return {"pred": pred, "conf": conf}
+        return {"pred": pred, "conf": conf, "probs": probs}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.class_names:
+            checkpoint["class_names"] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if checkpoint.get("class_names"):
+            self.class_names = [str(c) for c in checkpoint["class_names"]]
 
     # -- optimisation ---------------------------------------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint, ModelCheckpoint
 
 from ..errors import CheckpointError, SwinlabError
 
@@ -466,3 +466,87 @@ class ResumeState(Checkpoint):
         else:
             self.path = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints", "last.ckpt")
         trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """``python -m swinlab predict`` writes ``<log_dir>/predictions.csv``: one row per input (its file path, or
+    ``val[i]`` for the validation split), then the ``top_k`` classes by name with their probabilities. Class names
+    come from the task (saved in its checkpoint) or the data module, else the class index. Under several processes
+    each rank writes its part and rank 0 joins them in input order. The file is written atomically; an existing
+    ``predictions.csv`` of the same run folder is not overwritten (a new name is chosen)."""
+
+    def __init__(self, filename: str = "predictions.csv", top_k: int = 5, enabled: bool = True):
+        super().__init__(write_interval="epoch")
+        if top_k < 1:
+            raise SwinlabError(f"predictions.top_k={top_k} must be >= 1")
+        self.filename, self.top_k, self.enabled = filename, int(top_k), enabled
+        self.path: Optional[Path] = None
+
+    @staticmethod
+    def _names(trainer, pl_module) -> Optional[List[str]]:
+        names = getattr(pl_module, "class_names", None)
+        if not names and trainer.datamodule is not None:
+            names = getattr(trainer.datamodule, "class_names", None)
+        return list(names) if names else None
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if not self.enabled:
+            return
+        import csv
+        rows: List[Any] = []
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        start = 0
+        for b, out in enumerate(batches):
+            probs = out["probs"].float().cpu()
+            idx = list(indices[b]) if indices and b < len(indices) and indices[b] is not None else \
+                list(range(start, start + len(probs)))
+            start += len(probs)
+            k = min(self.top_k, probs.shape[-1])
+            p, c = probs.topk(k, dim=-1)
+            rows += [(int(i), c[j].tolist(), p[j].tolist()) for j, i in enumerate(idx)]
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        part = out_dir / f".{self.filename}.rank{trainer.global_rank}.pt"
+        if trainer.world_size > 1:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(rows, part)
+            trainer.strategy.barrier("predictions")
+        if not trainer.is_global_zero:
+            return
+        if trainer.world_size > 1:
+            rows = []
+            for r in range(trainer.world_size):
+                piece = out_dir / f".{self.filename}.rank{r}.pt"
+                rows += torch.load(piece, weights_only=True)
+                piece.unlink()
+        seen, ordered = set(), []
+        for row in sorted(rows, key=lambda r: r[0]):  # the distributed sampler pads with repeats: keep one
+            if row[0] not in seen:
+                seen.add(row[0])
+                ordered.append(row)
+        dm = trainer.datamodule
+        inputs = dm.predict_inputs() if dm is not None and hasattr(dm, "predict_inputs") else None
+        names = self._names(trainer, pl_module)
+        k = len(ordered[0][1]) if ordered else self.top_k
+        header = ["input"] + [f"{kind}{i + 1}" for i in range(k) for kind in ("class", "prob")]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = _free_name(out_dir / self.filename)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for i, classes, probs in ordered:
+                cells = [inputs[i] if inputs is not None and i < len(inputs) else str(i)]
+                for c, p in zip(classes, probs):
+                    cells += [names[c] if names is not None and c < len(names) else str(c), f"{p:.6f}"]
+                writer.writerow(cells)
+        os.replace(tmp, self.path)
+
+
+def _free_name(path: Path) -> Path:
+    """``path`` if it does not exist, else ``<stem>_1<suffix>``, ``<stem>_2<suffix>`` ...: nothing is overwritten."""
+    n, candidate = 0, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
