@@ -5,6 +5,11 @@ ModelCheckpoint on ``val/acc1`` plus ``last.ckpt``, per-group LR, throughput/mem
 position-bias and attention images, and ``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last``
 resumes the newest run of that name in place.
 
+Nothing already on disk changes unless asked: every value is checked before anything is written; the version folder
+is reserved with ``os.mkdir`` (two runs started at the same moment never share one); a run that stops before its first
+batch leaves nothing behind (:class:`RunFolder`); a resumed run writes its config beside the earlier one
+(``config_resume_<n>.yaml``, :class:`SaveRunConfig`) instead of over it.
+
 One parser for every command that reads a training config: :func:`build_parser` gives the parser ``fit`` (or
 ``validate``/``test``/``predict``) parses with (``--config a.yaml --config b.yaml --trainer.devices 64 ...``, the same
 defaults and sections), built from the same pieces as :class:`SwinlabCLI`'s own, without instantiating anything;
@@ -13,16 +18,21 @@ defaults and sections), built from the same pieces as :class:`SwinlabCLI`'s own,
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch import __version__ as lightning_version
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ..errors import CheckpointError, ConfigError, SwinlabError
 from .callbacks import AttentionImages, ExportBest, ResumeState, TrainingMonitor
@@ -39,9 +49,153 @@ TRAINER_DEFAULTS = {
 }
 
 
+# the subcommands that build a trainer (and log into a version folder)
+RUN_COMMANDS = ("fit", "validate", "test", "predict")
+# rank 0 -> the ranks Lightning's launcher starts (same argv, copied environment): the version folder it reserved
+RUN_VERSION_ENV = "SWINLAB_RUN_VERSION"
+# loggers that number their runs runs/<name>/version_<n> (the folder the CLI reserves)
+VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the run's config into its log folder and never over a file already there: ``config.yaml`` for a new
+    run; where one exists (a resumed run logging into the same version folder, or an explicit ``version:``) the next
+    free ``config_resume_<n>.yaml`` (``config_<n>.yaml`` when the run does not resume a checkpoint).
+
+    ``unset``: keys written as null, as the user gave them: the version number the CLI reserved, so that a run started
+    from the saved file gets a version folder of its own instead of logging into this one."""
+
+    unset: Sequence[str] = ()
+    written: Optional[Path] = None  # the file this run wrote (removed if the run stops before its first batch)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # broadcast from rank 0 (every rank calls it)
+        if log_dir is not None and "://" in str(log_dir):
+            return super().setup(trainer, pl_module, stage)  # a remote filesystem: Lightning's own (never overwrites)
+        if trainer.is_global_zero and log_dir is not None:
+            config = self.config.clone()
+            for key in self.unset:
+                if key in config:
+                    config[key] = None
+            text = self.parser.dump(config, skip_none=False)
+            folder = Path(log_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = "config_resume" if config.get("ckpt_path") else "config"
+            path, n = folder / self.config_filename, 0
+            while True:
+                try:
+                    with open(path, "x") as f:  # exclusive create: an existing file is never replaced
+                        f.write(text)
+                    self.written = path
+                    break
+                except FileExistsError:
+                    n += 1
+                    path = folder / f"{stem}_{n}.yaml"
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+class FirstBatch(Callback):
+    """Notes when the run processes its first batch (train, validation, test or predict, sanity checks included):
+    until then the run has only set up and checked, and a failure undoes what it wrote (:class:`RunFolder`)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.seen = True
+
+    on_validation_batch_start = on_test_batch_start = on_predict_batch_start = on_train_batch_start
+
+
+def is_global_zero() -> bool:
+    """Before any process group exists: whether this process is the job's first (global rank 0), by the launchers'
+    environment variables (Lightning's own launcher, torchrun, SLURM: absent or 0)."""
+    return all(os.environ.get(var) in (None, "", "0")
+               for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"))
+
+
+def reserve_version(root: Union[str, Path]) -> int:
+    """Create ``root/version_<n>`` and return n: the number after every existing ``version_<k>`` (as Lightning numbers
+    them), or the next free one. ``os.mkdir`` either creates the folder or fails because it exists, so two runs started
+    at the same moment never get the same folder: the second one's mkdir fails and it takes the next number."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[len("version_"):]) for p in root.iterdir()
+             if p.name.startswith("version_") and p.name[len("version_"):].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(root / f"version_{n}")
+            return n
+        except FileExistsError:
+            n += 1
+
+
+class RunFolder:
+    """A run's log folder and how to undo what the run wrote there, for a run that stops before its first batch.
+
+    A folder that did not exist before (reserved by the CLI, or an explicit ``version:`` used for the first time) is
+    removed, with the parent folders the run created. A folder that existed (a resumed run, ``fit --ckpt_path last``)
+    gets back exactly what it held: what the run added (a TensorBoard event file, ``config_resume_<n>.yaml``) is
+    removed, and small text files it rewrote (``hparams.yaml``) get their earlier bytes back."""
+
+    TEXT = (".yaml", ".yml", ".json", ".txt", ".csv")
+
+    def __init__(self, path: Union[str, Path], new_parents: Sequence[Path] = (), created: bool = False) -> None:
+        self.path = Path(path)
+        self.existed = not created and self.path.is_dir()  # created: made by this run (reserve_version)
+        self.new_parents = list(new_parents)  # innermost first
+        self.before: Dict[str, Optional[bytes]] = self._snapshot() if self.existed else {}
+
+    def _entries(self):
+        for top, dirs, files in os.walk(self.path):
+            for name in dirs + files:
+                full = os.path.join(top, name)
+                yield os.path.relpath(full, self.path), full
+
+    def _snapshot(self) -> Dict[str, Optional[bytes]]:
+        state: Dict[str, Optional[bytes]] = {}
+        for rel, full in self._entries():
+            small_text = (os.path.isfile(full) and not os.path.islink(full) and full.endswith(self.TEXT)
+                          and os.path.getsize(full) <= 1 << 20)
+            state[rel] = Path(full).read_bytes() if small_text else None
+        return state
+
+    def rollback(self) -> None:
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.new_parents:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only if empty: another run may have started there meanwhile
+            return
+        for rel, full in sorted(self._entries(), key=lambda e: e[0].count(os.sep), reverse=True):
+            if rel not in self.before:
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(full)
+            elif self.before[rel] is not None and Path(full).read_bytes() != self.before[rel]:
+                Path(full).write_bytes(self.before[rel])
+
+
+def _new_parents(path: Path) -> List[Path]:
+    """The folders above ``path`` that do not exist yet, innermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
 # the keyword arguments main() builds SwinlabCLI with (also what build_parser mirrors)
 CLI_KWARGS = dict(subclass_mode_model=True, subclass_mode_data=True, trainer_defaults=TRAINER_DEFAULTS,
-                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                  save_config_callback=SaveRunConfig, auto_configure_optimizers=False,
                   parser_kwargs={"exit_on_error": False})
 
 
@@ -85,6 +239,9 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
+    parser.add_argument("--allow_random_weights", type=bool, default=False,
+                        help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
+                             "model.init_args.checkpoint gives weights (refused otherwise)")
 
 
 def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgumentParser:
@@ -108,11 +265,52 @@ def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgu
     return parser
 
 
+def config_files(args: Sequence[str]) -> List[str]:
+    """The files given as ``--config X`` / ``--config=X`` / ``-c X`` in a command line."""
+    args, files = list(args), []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Each ``--config`` file must be YAML holding a mapping of sections: an empty file, a list, a bare value or a
+    YAML syntax error is named in one line (jsonargparse would say ``Unexpected config`` without the file)."""
+    import yaml
+
+    for name in config_files(args):
+        path = Path(name)
+        if not path.is_file():
+            continue  # a missing file (or an inline YAML string): jsonargparse names it
+        try:
+            data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {name} is not a text file: give a YAML file") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"config file {name} is not valid YAML ({problem}{where}): fix the file") from None
+        if data is None:
+            raise ConfigError(f"config file {name} is empty: it must hold a mapping of sections (model:, data:, "
+                              f"trainer:, ...), e.g. experiments/quickstart.yaml")
+        if not isinstance(data, dict):
+            kind = "a list" if isinstance(data, list) else f"a single {type(data).__name__} value"
+            raise ConfigError(f"config file {name} holds {kind}, not a mapping of sections (model:, data:, "
+                              f"trainer:, ...): write each section as 'name:' at the start of a line, as in "
+                              f"experiments/quickstart.yaml")
+
+
 def parse_config(parser, args: Sequence[str], command: str):
     """``parser.parse_args(args)``; a bad file, key or value raises ConfigError with one line naming it (``command``:
     the ``python -m swinlab`` command the message points to for ``--help``). ``--help``/``--print_config`` exit."""
     from jsonargparse import ArgumentError
 
+    if command in RUN_COMMANDS:
+        check_config_files(args)
     try:
         return parser.parse_args(list(args))
     except ArgumentError as exc:
@@ -131,17 +329,33 @@ class SwinlabCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.ckpt_path_in_use: Optional[str] = None
+        self.run_folder: Optional[RunFolder] = None  # the log folder this run writes to (rank 0), while undoable
+        self.saved_config_unset: List[str] = []  # keys SaveRunConfig writes as null (the reserved version)
+        self.first_batch = FirstBatch()
+        self.config_saver: Optional[SaveRunConfig] = None
+        saved_env = os.environ.get(RUN_VERSION_ENV)
         try:
             super().__init__(*args, **kwargs)
-        except RuntimeError as exc:
+        except BaseException as exc:
+            if not self.first_batch.seen:  # stopped while setting up: leave the disk as it was
+                if self.run_folder is not None:
+                    self.run_folder.rollback()
+                elif self.config_saver is not None and self.config_saver.written is not None:
+                    self.config_saver.written.unlink(missing_ok=True)  # no log folder: the config went to the cwd
             msg = str(exc)
-            if "Error(s) in loading state_dict" not in msg or self.ckpt_path_in_use is None:
+            if not isinstance(exc, RuntimeError) or "Error(s) in loading state_dict" not in msg \
+                    or self.ckpt_path_in_use is None:
                 raise
             details = [ln.strip() for ln in msg.splitlines()[1:] if ln.strip()]
             first = details[0][:200] if details else "keys or shapes differ"
             raise CheckpointError(f"--ckpt_path {self.ckpt_path_in_use} does not fit the model ({first}): resume "
                                   f"with the config it was trained with, or start from its weights with "
                                   f"model.init_args.checkpoint (a new head or size is then allowed)") from None
+        finally:
+            if saved_env is None:
+                os.environ.pop(RUN_VERSION_ENV, None)
+            else:
+                os.environ[RUN_VERSION_ENV] = saved_env
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         return _new_parser(**kwargs)
@@ -174,13 +388,7 @@ class SwinlabCLI(LightningCLI):
         if not path.is_file():
             raise CheckpointError(f"--ckpt_path {ckpt_path} does not exist: give an existing .ckpt file, or use "
                                   f"--ckpt_path last to resume the newest run of this name")
-        from .checkpoint_io import load_checkpoint_file
-        ckpt = load_checkpoint_file(path, map_location="cpu")
-        if not isinstance(ckpt, dict):
-            raise CheckpointError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning "
-                                  f"checkpoint: pass weights as model.init_args.checkpoint instead")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
+        hparams = self._ckpt_hparams(ckpt_path)
         if not hparams:
             return
         self._check_ckpt_model(ckpt_path, hparams)
@@ -188,10 +396,31 @@ class SwinlabCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
+    @staticmethod
+    def _ckpt_hparams(ckpt_path: str) -> dict:
+        """The checkpoint's hyperparameters (read with ``load_checkpoint_file``: tensors only, a pickle payload is
+        refused); a file that is not a Lightning checkpoint is named in one line."""
+        from .checkpoint_io import load_checkpoint_file
+        ckpt = load_checkpoint_file(Path(ckpt_path), map_location="cpu")
+        if not isinstance(ckpt, dict):
+            raise CheckpointError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning "
+                                  f"checkpoint: pass weights as model.init_args.checkpoint instead")
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        return hparams
+
     def _check_ckpt_model(self, ckpt_path: str, hparams: dict) -> None:
-        """Lightning replaces the configured model's arguments with the checkpoint's; a different architecture or
-        class count in the config would be silently dropped, so it is named instead."""
+        """Lightning replaces the configured model (class and arguments) with the checkpoint's; another task (a SimMIM
+        checkpoint under the classifier's config), architecture or class count in the config would be silently
+        dropped, so it is named instead."""
         model = self.config[self.config.subcommand].get("model")
+        mine, theirs = getattr(model, "class_path", None), hparams.get("_class_path")
+        if mine and theirs and mine != theirs:
+            short = theirs.rsplit(".", 1)[-1]
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path} is a {short} checkpoint ({theirs}) but the config trains {mine}: "
+                f"--ckpt_path continues that run with its own task; resume with the config it was trained with, or "
+                f"start a new run from its weights with model.init_args.checkpoint {ckpt_path}")
         init = getattr(model, "init_args", None)
         if init is None:
             return
@@ -210,17 +439,74 @@ class SwinlabCLI(LightningCLI):
             if int(threads) < 1:
                 raise ConfigError(f"--threads {threads} must be >= 1 (or left out: torch's default)")
             torch.set_num_threads(int(threads))
-        if self.subcommand in ("fit", "validate", "test", "predict"):
-            from .preflight import check_config
-            check_config(cfg)  # impossible strategy/precision combinations: one line before anything is built
+        if self.subcommand in RUN_COMMANDS:
+            from .preflight import check_config, check_machine
+            check_config(cfg)  # bad trainer values, impossible strategy/precision combinations: one line, nothing built
+            check_machine(cfg)  # an accelerator or device count this machine does not have
+        if self.subcommand == "predict":
+            self._check_predict_weights(cfg)
         if cfg.get("trainer.enable_checkpointing") is False:
             self._checkpointing_off(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
-            self._resolve_last(cfg)
+            if self._resolve_last(cfg) and Path(cfg.ckpt_path).is_file():  # the checks of an explicit file
+                hparams = self._ckpt_hparams(cfg.ckpt_path)
+                if hparams:
+                    self._check_ckpt_model(cfg.ckpt_path, hparams)
         ckpt = cfg.get("ckpt_path")
         if ckpt and str(ckpt).split(":")[0] not in SPECIAL_CKPT_PATHS and Path(ckpt).is_dir():
             from .checkpoint_io import check_checkpoint_folder
             check_checkpoint_folder(ckpt)  # FSDP2 / DeepSpeed folders: their libraries unpickle what they hold
+        if self.subcommand in RUN_COMMANDS:
+            self._claim_run_folder(cfg)  # last: every check above has passed
+
+    @staticmethod
+    def _check_predict_weights(cfg) -> None:
+        """``predict`` without weights (no ``--ckpt_path``, no ``model.init_args.checkpoint``) would predict with a
+        freshly initialised model: refused unless asked for with ``--allow_random_weights true``."""
+        if cfg.get("ckpt_path") or cfg.get("allow_random_weights"):
+            return
+        init = getattr(cfg.get("model"), "init_args", None)
+        if init is not None and init.get("checkpoint"):
+            return
+        raise ConfigError("predict has no weights to run: give --ckpt_path <run>/checkpoints/<file>.ckpt (a trained "
+                          "run) or --model.init_args.checkpoint <weights>; --allow_random_weights true predicts with "
+                          "the untrained initial weights")
+
+    def _claim_run_folder(self, cfg) -> None:
+        """Fix the version folder the logger will write to, before the logger is built, and remember how to undo the
+        run's writes there (:class:`RunFolder`) should it stop before its first batch.
+
+        With no ``version`` given, rank 0 reserves the next ``version_<n>`` with ``os.mkdir`` (:func:`reserve_version`:
+        atomic, so simultaneous runs get different folders) and sets ``trainer.logger.init_args.version``; the other
+        ranks Lightning launches read that number from the environment. A given version (``--ckpt_path last``, an
+        explicit ``version:``) is kept."""
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        class_path = str(getattr(logger, "class_path", "") or "")
+        if init is None or class_path.rsplit(".", 1)[-1] not in VERSIONED_LOGGERS or cfg.get("trainer.fast_dev_run"):
+            return
+        save_dir = init.get("save_dir")
+        if save_dir is None or "://" in str(save_dir):
+            return  # a remote filesystem: Lightning's own numbering
+        root = Path(save_dir) / str(init.get("name") or "")
+        key = "trainer.logger.init_args.version"
+        version = init.get("version")
+        if not is_global_zero():
+            shared = json.loads(os.environ.get(RUN_VERSION_ENV) or "{}")
+            if version is None and shared.get("root") == str(root.resolve()):
+                init.version = shared["version"]
+                self.saved_config_unset.append(key)
+            return
+        if version is not None:
+            folder = root / (version if isinstance(version, str) else f"version_{version}")
+            self.run_folder = RunFolder(folder, _new_parents(folder))
+            return
+        parents = _new_parents(root / "version_0")
+        n = reserve_version(root)
+        self.run_folder = RunFolder(root / f"version_{n}", parents, created=True)
+        init.version = n
+        self.saved_config_unset.append(key)
+        os.environ[RUN_VERSION_ENV] = json.dumps({"root": str(root.resolve()), "version": n})
 
     def after_instantiate_classes(self) -> None:
         # from here on the subcommand runs: a state-dict mismatch now comes from loading --ckpt_path (see __init__)
@@ -239,17 +525,31 @@ class SwinlabCLI(LightningCLI):
         cfg.resume.every_n_train_steps = 0
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as exc:  # a setting Lightning refuses that check_config missed
+            if _swinlab_cause(exc) is not None:
+                raise
+            raise ConfigError(f"the trainer settings were refused: {_one_line(exc)} (see `python -m swinlab "
+                              f"{self.subcommand} --help`)") from None
         attach_safe_checkpoint_io(trainer)
+        trainer.callbacks.append(self.first_batch)
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveRunConfig):
+                callback.unset = list(self.saved_config_unset)
+                self.config_saver = callback
         return trainer
 
     @staticmethod
-    def _resolve_last(cfg) -> None:
-        """Point ``ckpt_path`` at the newest ``last.ckpt`` of this run name and log into the same version."""
+    def _resolve_last(cfg) -> bool:
+        """Point ``ckpt_path`` at the newest ``last.ckpt`` of this run name and log into the same version (True), or
+        leave "last" to Lightning (False: a logger without a save_dir)."""
         logger = cfg.get("trainer.logger")
         init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
         if init is None or not hasattr(init, "save_dir"):
-            return  # not a TensorBoard-style logger: leave "last" to Lightning
+            return False  # not a TensorBoard-style logger: leave "last" to Lightning
         root = Path(init.save_dir) / (init.get("name") or "")
         version = init.get("version")
         run = root / (version if isinstance(version, str) else f"version_{version}") if version is not None \
@@ -265,6 +565,7 @@ class SwinlabCLI(LightningCLI):
                               f"to start a new run, or give the checkpoint file")
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)
+        return True
 
 
 def attach_safe_checkpoint_io(trainer) -> bool:
@@ -303,12 +604,85 @@ _PARSER_NOISE = re.compile(r"^(- )?(Does not validate against any of the Union s
                            r"Expected a <class 'NoneType'>|Given value type:|Given value:)")
 
 
-def parser_message(exc: BaseException) -> str:
-    """jsonargparse's nested multi-line error as one line: the key path and the innermost reason."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+_NOT_ACCEPTED = re.compile(r"(?:Option|Key) '([\w.]+)' is not accepted|does not accept option '([\w.]+)'")
+_NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+_CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: --([\w.]+)")
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\]")
+
+
+def _class_arguments(class_path: str) -> List[str]:
+    """The constructor arguments of the class at ``class_path`` (empty if it cannot be imported)."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _parser_keys(command: Optional[str]) -> List[str]:
+    """Every key ``python -m swinlab <command>`` accepts (dotted), for suggestions; empty for other commands."""
+    if command not in RUN_COMMANDS:
+        return []
+    try:
+        return list(build_parser(command).get_defaults().keys())
+    except Exception:  # pragma: no cover - suggestions are a nicety: never hide the error itself
+        return []
+
+
+def key_suggestion(key: str, class_path: Optional[str] = None, command: Optional[str] = None) -> str:
+    """`` (did you mean ...?)`` for a key the parser does not accept: among the class's arguments (a key inside a
+    class_path's init_args), else among the command's keys with the same parent (``trainer.max_epochz`` ->
+    ``trainer.max_epochs``), else among the top-level sections (``trainr`` -> ``trainer``)."""
+    from .preflight import close_matches
+
+    if class_path:
+        return close_matches(key.rsplit(".", 1)[-1], _class_arguments(class_path))
+    keys = _parser_keys(command)
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k.rsplit(".", 1)[-1] for k in keys if parent and k.rpartition(".")[0] == parent]
+    if siblings:
+        return close_matches(leaf, siblings)
+    top = key.split(".", 1)[0]
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    return close_matches(top, sections) if top not in sections else ""
+
+
+def parser_message(exc: BaseException, command: Optional[str] = None) -> str:
+    """jsonargparse's nested multi-line error as one line: the key path, the innermost reason and the value given,
+    with the closest accepted names for a misspelt key or choice (``command``: the swinlab command whose keys to
+    suggest from)."""
+    raw = str(exc).strip()
+    lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
     kept = [ln[2:] if ln.startswith("- ") else ln for ln in lines if not _PARSER_NOISE.match(ln)]
-    text = " ".join(kept).replace(": :", ":")
-    return text[:600] or type(exc).__name__
+    text = " ".join(dict.fromkeys(kept)).replace(": :", ":")  # each reason once (union members repeat them)
+    given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+    if given and len(given) < 80 and not given.startswith(("Namespace(", "NestedArg(")) and given not in text:
+        text += f" (got {given})"
+    hint = ""
+    unknown = _NOT_ACCEPTED.search(raw) or _UNRECOGNIZED.search(raw)
+    missing = _NO_ATTRIBUTE.search(raw)
+    if unknown:
+        owner = _CLASS_PATH.search(raw)
+        hint = key_suggestion(next(g for g in unknown.groups() if g), owner.group(1) if owner else None, command)
+    elif missing:  # a misspelt class name in a class_path
+        import importlib
+
+        from .preflight import close_matches
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(missing.group(1))
+            names = [f"{missing.group(1)}.{n}" for n in dir(module)
+                     if not n.startswith("_") and inspect.isclass(getattr(module, n))]
+            hint = close_matches(f"{missing.group(1)}.{missing.group(2)}", names)
+    elif given:
+        from .preflight import close_matches
+        choices = [c.strip().strip("'\"") for lit in _LITERAL.findall(raw) for c in lit.split(",")]
+        hint = close_matches(given, choices) if choices else ""
+    return (text[:600] + hint) or type(exc).__name__
 
 
 def _swinlab_cause(exc: BaseException) -> Optional[SwinlabError]:
@@ -326,8 +700,8 @@ def config_error(exc: BaseException, command: str) -> SwinlabError:
     cause = _swinlab_cause(exc)
     if cause is not None:
         return type(cause)(_one_line(cause))
-    return ConfigError(f"invalid configuration: {parser_message(exc)} (see `python -m swinlab {command} --help` "
-                       f"or --print_config for the accepted keys)")
+    return ConfigError(f"invalid configuration: {parser_message(exc, command)} (see `python -m swinlab {command} "
+                       f"--help` or --print_config for the accepted keys)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -341,6 +715,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # without a subcommand and rank 0 would wait for them forever.
     sys.argv = [sys.argv[0], *argv]
     try:
+        if argv and argv[0] in RUN_COMMANDS:
+            check_config_files(argv[1:])
         SwinlabCLI(LightningModule, LightningDataModule, **CLI_KWARGS)
     except ArgumentError as exc:
         raise config_error(exc, argv[0] if argv else "fit") from None
