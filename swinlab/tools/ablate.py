@@ -1,4 +1,5 @@
-"""``python -m swinlab ablate --config experiments/ablations/<study>.yaml [--out DIR]``: resolution-transfer studies.
+"""``python -m swinlab ablate --config experiments/ablations/<study>.yaml [--out DIR] [--overwrite]``:
+resolution-transfer studies. Results already in ``--out`` are never replaced without ``--overwrite``.
 
 For each variant and seed: train once at the train size/window (or take the given checkpoint), then evaluate at every
 larger (img_size, window) (a) directly, through the model's transfer path (V1: bicubic bias tables; V2: the CPB MLP
@@ -423,6 +424,37 @@ def write_outputs(study: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, 
         plot_results(study, rows, out / "results.png")
 
 
+def planned_outputs(study: Dict[str, Any], out: Path) -> List[Path]:
+    """What a study writes under ``out``: the results files, each variant's weights per seed and its TensorBoard
+    folders (the training run and one per fine-tune size)."""
+    paths = [out / "results.csv", out / "results.md", out / "results.png"]
+    evals = [(to_2tuple(e["img_size"])[0], to_2tuple(e["window_size"])[0]) for e in study["eval"]]
+    for variant in study["variants"]:
+        for seed in study["seeds"]:
+            paths.append(out / "weights" / f"{variant}_seed{seed}.safetensors")
+            paths.append(out / "tb" / variant / f"seed{seed}")
+            if study.get("finetune"):
+                paths += [out / "tb" / variant / f"seed{seed}_ft{img}w{win}" for img, win in evals]
+    return paths
+
+
+def check_out(study: Dict[str, Any], out: Path, overwrite: bool) -> None:
+    """``--out`` must be a folder (or not exist yet), and without ``--overwrite`` hold none of the files the study
+    writes: one ConfigError line naming the first one found, before any training."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--out {out}: {folder} is a file, not a folder: give a folder for the results")
+            break
+    if overwrite:
+        return
+    existing = [p for p in planned_outputs(study, out) if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ConfigError(f"--out {out} already holds {existing[0]}{more} from an earlier study: pass --overwrite to "
+                          f"replace those results, or give another --out")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from jsonargparse import ArgumentParser
 
@@ -437,6 +469,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads (default: the study's 'threads:', else torch's choice)")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="replace the results, weights and TensorBoard runs an earlier study left in --out "
+                             "(refused otherwise)")
     args = parse_config(parser, argv, "ablate")
     study = load_study(args.config)
     threads = args.threads or study.get("threads")
@@ -445,6 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seeds:
         study["seeds"] = args.seeds
     out = Path(args.out or Path("runs") / "ablations" / study["study"])
+    check_out(study, out, args.overwrite)
     started = time.perf_counter()
     rows = run_study(study, out)
     print(summarise(study, rows))
