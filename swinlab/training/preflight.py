@@ -134,6 +134,8 @@ def check_trainer_values(trainer: Dict[str, Any]) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value < low:
             raise ConfigError(f"trainer.{key}={value} is out of range: give {accepted}")
     devices = trainer.get("devices")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)  # "2" on the command line: a count, as Lightning reads it
     if isinstance(devices, int) and not isinstance(devices, bool) and (devices == 0 or devices < -1):
         raise ConfigError(f"trainer.devices={devices} is out of range: give the number of devices (>= 1), -1 for "
                           f"all of them, a list of device indices, or auto")
@@ -185,6 +187,8 @@ def check_machine(config: Any) -> None:
                           f"(torch.cuda.is_available() is False): use --trainer.accelerator cpu (or auto), or run on "
                           f"a machine with a GPU")
     devices, count = trainer.get("devices"), torch.cuda.device_count()
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
     if not mps and isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
         raise ConfigError(f"trainer.devices={devices} but this machine has {count} CUDA device(s): give at most "
                           f"{count}, or -1 for all of them")
