@@ -165,12 +165,34 @@ def test_fit_logs_checkpoints_exports_and_resumes(tmp_path, monkeypatch):
 
     before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert before["global_step"] == 4
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["version"] is None  # a run from this file gets its own folder
+    config_bytes = (run / "config.yaml").read_bytes()
     # resume in-process (same CLI entry point as `python -m swinlab`, without a second interpreter start-up)
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", "tiny.yaml", "--ckpt_path", "last", "--trainer.max_epochs", "3"]) == 0
     assert not (tmp_path / "runs" / "tiny" / "version_1").exists()  # resumed in place
+    assert (run / "config.yaml").read_bytes() == config_bytes  # the first run's config is never rewritten
+    resumed = yaml.safe_load((run / "config_resume_1.yaml").read_text())
+    assert resumed["ckpt_path"].endswith("version_0/checkpoints/last.ckpt") and resumed["trainer"]["max_epochs"] == 3
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6 and last["global_step"] > before["global_step"]
     opt_before, opt_after = before["optimizer_states"][0]["state"], last["optimizer_states"][0]["state"]
     assert int(opt_after[0]["step"]) == int(opt_before[0]["step"]) + 2  # optimizer state carried over
     assert len(_events(run).Scalars("val/acc1")) == 3  # the run's curves continue
+
+
+def test_two_runs_started_at_the_same_moment_get_their_own_version_folders(tmp_path):
+    """The version folder is reserved with os.mkdir (atomic), not by listing the folder: two runs of one config started
+    together each log into a folder of their own, with their own config.yaml."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    args = [sys.executable, "-m", "swinlab", "validate", "--config", "tiny.yaml", "--trainer.limit_val_batches", "1"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert runs == ["version_0", "version_1"]
+    for name in runs:
+        assert (tmp_path / "runs" / "tiny" / name / "config.yaml").is_file()
+        assert len(list((tmp_path / "runs" / "tiny" / name).glob("events.out.tfevents.*"))) == 1

@@ -11,7 +11,15 @@ import yaml
 import swinlab
 from swinlab.errors import ConfigError
 from swinlab.training.cli import build_parser, main
-from swinlab.training.preflight import check_chunk_size, check_config, check_run, strategy_family, valid_chunk_sizes
+from swinlab.training.preflight import (
+    check_chunk_size,
+    check_config,
+    check_machine,
+    check_run,
+    close_matches,
+    strategy_family,
+    valid_chunk_sizes,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -140,6 +148,73 @@ def test_check_config_refuses(cfg, words):
 ])
 def test_check_config_accepts(cfg):
     check_config(cfg)
+
+
+@pytest.mark.parametrize("trainer, words", [
+    ({"max_epochs": -3}, ["trainer.max_epochs=-3", "-1 for no limit"]),
+    ({"max_steps": -2}, ["trainer.max_steps=-2"]),
+    ({"min_epochs": -1}, ["trainer.min_epochs=-1", ">= 0"]),
+    ({"num_nodes": 0}, ["trainer.num_nodes=0", ">= 1"]),
+    ({"devices": 0}, ["trainer.devices=0"]), ({"devices": "0"}, ["trainer.devices=0"]),
+    ({"devices": -2}, ["trainer.devices=-2", "-1 for all"]),
+    ({"accumulate_grad_batches": 0}, ["accumulate_grad_batches=0"]),
+    ({"limit_val_batches": -1}, ["limit_val_batches=-1"]), ({"limit_test_batches": 1.5}, ["limit_test_batches=1.5"]),
+    ({"val_check_interval": 0}, ["val_check_interval=0"]), ({"val_check_interval": 1.5}, ["val_check_interval=1.5"]),
+    ({"check_val_every_n_epoch": 0}, ["check_val_every_n_epoch=0"]),
+    ({"gradient_clip_val": -1.0}, ["gradient_clip_val=-1.0", ">= 0"]),
+    ({"num_sanity_val_steps": -2}, ["num_sanity_val_steps=-2"]),
+    ({"strategy": "dpp"}, ["trainer.strategy='dpp'", "did you mean ddp", "deepspeed_stage_3"]),
+    ({"strategy": "deepspeed_stage3"}, ["did you mean deepspeed_stage_3"]),
+    ({"accelerator": "tpux"}, ["trainer.accelerator='tpux'", "did you mean tpu", "cpu, gpu"]),
+])
+def test_check_config_refuses_trainer_values(trainer, words):
+    with pytest.raises(ConfigError) as err:
+        check_config({"trainer": trainer})
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize("trainer", [
+    {"max_epochs": -1, "max_steps": -1, "min_epochs": 0}, {"max_epochs": None}, {"devices": "auto"},
+    {"devices": -1}, {"devices": [0, 1]}, {"devices": "0,1"}, {"limit_val_batches": 0.5}, {"limit_val_batches": 10},
+    {"limit_train_batches": 1.0}, {"limit_train_batches": 0}, {"val_check_interval": 100},
+    {"val_check_interval": 0.25}, {"val_check_interval": "00:00:10:00"}, {"gradient_clip_val": 0},
+    {"num_sanity_val_steps": -1}, {"strategy": "DDP"}, {"strategy": "deepspeed_stage_3_offload", "accelerator": "gpu"},
+    {"strategy": "ddp_find_unused_parameters_true"}, {"accelerator": "auto"}, {"accelerator": "gpu"},
+    {"accelerator": "cuda", "devices": 64}, {"check_val_every_n_epoch": None},
+])
+def test_check_config_accepts_what_lightning_accepts(trainer):
+    """check_config judges the config, not this machine: GPU settings pass here (check_machine is the other half)."""
+    check_config({"trainer": trainer})
+
+
+def test_check_machine_refuses_an_accelerator_or_device_count_this_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for accelerator in ("gpu", "cuda", "GPU"):
+        with pytest.raises(ConfigError, match="no (GPU|CUDA) device.*--trainer.accelerator cpu"):
+            check_machine({"trainer": {"accelerator": accelerator}})
+    for accelerator in ("cpu", "auto", None):
+        check_machine({"trainer": {"accelerator": accelerator, "devices": 8}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_machine({"trainer": {"accelerator": "gpu", "devices": 2}})
+    check_machine({"trainer": {"accelerator": "gpu", "devices": "auto"}})
+    with pytest.raises(ConfigError, match="trainer.devices=4 but this machine has 2 CUDA device"):
+        check_machine({"trainer": {"accelerator": "cuda", "devices": "4"}})
+
+
+def test_close_matches():
+    assert close_matches("dpp", ["ddp", "fsdp", "auto"]) == " (did you mean ddp?)"
+    assert close_matches("lr", ["base_lr", "warmup_lr", "min_lr", "eps"]) == \
+        " (did you mean base_lr, warmup_lr or min_lr?)"
+    assert close_matches("zzz", ["ddp", "fsdp"]) == ""
+
+
+def test_every_experiment_passes_the_config_check(parser):
+    """The shipped experiments pass check_config as they would run where they are meant to (GPU ones too)."""
+    for experiment in EXPERIMENTS:
+        check_config(parser.parse_args(["--config", str(experiment)]))
 
 
 def test_check_config_on_parsed_cli_config(parser):
