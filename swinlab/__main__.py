@@ -4,7 +4,8 @@ Commands:
   fit | validate | test | predict   training through LightningCLI (swinlab.training.cli)
   models                            list registered variants with parameters and FLOPs
   convert                           load any Swin checkpoint (official, timm, Lightning, swinlab) into a variant,
-                                    optionally at another image/window size, and write safetensors
+                                    optionally at another image/window size, and write safetensors, a timm state
+                                    dict, a torch.export program or ONNX (--format)
   bench                             throughput/memory side by side with timm (swinlab.tools.bench)
   estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.tools.estimate)
   ablate                            resolution-transfer ablation studies (swinlab.tools.ablate)
