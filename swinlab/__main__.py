@@ -52,6 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
+            from . import data, tasks  # noqa: F401 - known subclasses: `--model ImageClassifier` (short names)
             from .training.cli import main as cli_main
             return cli_main(argv) or 0
         if command not in COMMANDS:

@@ -69,6 +69,10 @@ class DigitsDataModule(BaseDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.max_shift, self.in_chans = max_shift, in_chans
 
+    @staticmethod
+    def count_classes(**_: object) -> int:
+        return 10
+
     @property
     def class_names(self) -> List[str]:
         return [str(d) for d in range(10)]

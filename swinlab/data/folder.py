@@ -245,6 +245,11 @@ class ImageFolderDataModule(BaseDataModule):
                               f"{self.data_dir / self.train_dir}: use the same class folder names in both")
         return train
 
+    @staticmethod
+    def count_classes(data_dir: str = "data/imagenet", train_dir: str = "train", **_: object) -> int:
+        """The class count of ``<data_dir>/<train_dir>`` (its class folders), read before anything is built."""
+        return len(check_split(Path(data_dir) / train_dir, "training"))
+
     @property
     def class_names(self) -> Optional[List[str]]:
         if self.classes is None and self.data_dir.is_dir():

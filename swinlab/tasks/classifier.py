@@ -19,7 +19,8 @@ class ImageClassifier(SwinTask, pl.LightningModule):
 
     Args:
         model_name: registry name or alias (``python -m swinlab models``).
-        num_classes: classifier width.
+        num_classes: classifier width; ``null`` in a config: the data's class count (image folders: the class
+            folders of ``train/``), counted by the CLI before the model is built.
         model_kwargs: overrides passed to ``create_model`` (img_size, window_size, drop_path_rate,
             grad_checkpointing, fused_attn, attn_chunk_size, position_bias, ...).
         checkpoint: weights to start from (swinlab safetensors, Lightning .ckpt, timm or official file); the head
@@ -44,7 +45,7 @@ class ImageClassifier(SwinTask, pl.LightningModule):
     def __init__(
             self,
             model_name: str = "swinv2_pico_patch2_window4_32",
-            num_classes: int = 1000,
+            num_classes: Optional[int] = 1000,
             model_kwargs: Optional[Dict[str, Any]] = None,
             checkpoint: Optional[str] = None,
             compile: bool = False,
@@ -72,6 +73,9 @@ class ImageClassifier(SwinTask, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.check_hparams()
+        if num_classes is None:
+            raise ConfigError("num_classes is null: through `python -m swinlab` that takes the class count from the "
+                              "data (an image folder); in Python give the number")
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} must be >= 1: set model.init_args.num_classes")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ..errors import CheckpointError, ConfigError, SwinlabError
-from .callbacks import AttentionImages, ExportBest, ResumeState, TrainingMonitor
+from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, TrainingMonitor
 from .nonfinite import NonFiniteGuard
 
 # ckpt_path values Lightning resolves itself (not file paths)
@@ -237,6 +237,7 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(ExportBest, "export")
     parser.add_lightning_class_args(ResumeState, "resume")
     parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+    parser.add_lightning_class_args(PredictionWriter, "predictions")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
     parser.add_argument("--allow_random_weights", type=bool, default=False,
@@ -248,7 +249,7 @@ def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgu
     """The parser ``python -m swinlab <subcommand>`` reads its configuration with, built and returned unused.
 
     Same ``--config`` composition, ``--a.b value`` overrides, sections (trainer, model, data, checkpoint, lr_monitor,
-    monitor, attention_images, export, resume, nonfinite, threads, seed_everything, ckpt_path) and defaults
+    monitor, attention_images, export, resume, nonfinite, predictions, threads, seed_everything, ckpt_path) and defaults
     (``TRAINER_DEFAULTS``, the checkpoint settings) as :class:`SwinlabCLI`'s parser for that subcommand: both are made
     by the same functions. Nothing is instantiated. ``parser_kwargs`` go to ``LightningArgumentParser`` (default
     ``exit_on_error=False``: bad input raises ``jsonargparse.ArgumentError``; :func:`parse_config` makes it one line).
@@ -445,6 +446,8 @@ class SwinlabCLI(LightningCLI):
             check_machine(cfg)  # an accelerator or device count this machine does not have
         if self.subcommand == "predict":
             self._check_predict_weights(cfg)
+        self._classes_from_data(cfg)
+        self._monitor_ema(cfg)
         if cfg.get("trainer.enable_checkpointing") is False:
             self._checkpointing_off(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
@@ -458,6 +461,35 @@ class SwinlabCLI(LightningCLI):
             check_checkpoint_folder(ckpt)  # FSDP2 / DeepSpeed folders: their libraries unpickle what they hold
         if self.subcommand in RUN_COMMANDS:
             self._claim_run_folder(cfg)  # last: every check above has passed
+
+    @staticmethod
+    def _classes_from_data(cfg) -> None:
+        """``model.init_args.num_classes: null``: the class count of the data (an image folder's class folders),
+        counted before the model is built, so a config for your own images needs no number."""
+        init = getattr(cfg.get("model"), "init_args", None)
+        if init is None or "num_classes" not in init or init.num_classes is not None:
+            return
+        data = cfg.get("data")
+        cls = _import_class(getattr(data, "class_path", None))
+        count = getattr(cls, "count_classes", None)
+        n = count(**dict(data.init_args or {})) if count is not None else None
+        if n is None:
+            raise ConfigError(f"model.init_args.num_classes: null takes the class count from the data, which "
+                              f"{getattr(data, 'class_path', 'this data module')} cannot tell: set num_classes")
+        init.num_classes = int(n)
+
+    @staticmethod
+    def _monitor_ema(cfg) -> None:
+        """With an EMA of the weights (``model.init_args.ema_decay``) the best checkpoint and the exported weights
+        follow the EMA's accuracy (``val/acc1_ema``), as the official recipe evaluates the EMA; a monitor set by
+        hand is kept."""
+        init = getattr(cfg.get("model"), "init_args", None)
+        if init is None or init.get("ema_decay") is None or not cfg.get("export.ema", True):
+            return
+        if cfg.get("checkpoint.monitor") == "val/acc1":
+            cfg.checkpoint.monitor = "val/acc1_ema"
+            if cfg.get("checkpoint.filename") == "epoch{epoch:03d}-acc1_{val/acc1:.4f}":
+                cfg.checkpoint.filename = "epoch{epoch:03d}-acc1_ema_{val/acc1_ema:.4f}"
 
     @staticmethod
     def _check_predict_weights(cfg) -> None:
@@ -730,3 +762,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def _import_class(path: Optional[str]):
+    if not path or "." not in str(path):
+        return None
+    import importlib
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
