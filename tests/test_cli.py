@@ -196,3 +196,20 @@ def test_two_runs_started_at_the_same_moment_get_their_own_version_folders(tmp_p
     for name in runs:
         assert (tmp_path / "runs" / "tiny" / name / "config.yaml").is_file()
         assert len(list((tmp_path / "runs" / "tiny" / name).glob("events.out.tfevents.*"))) == 1
+
+
+def test_an_ema_run_monitors_and_exports_the_ema_unless_told_otherwise():
+    from swinlab.training.cli import SwinlabCLI, compose_config
+    base = ["--config", str(ROOT / "experiments" / "quickstart.yaml")]
+    cfg = compose_config([*base, "--model.init_args.ema_decay", "0.99"])
+    SwinlabCLI._monitor_ema(cfg)
+    assert cfg.checkpoint.monitor == "val/acc1_ema" and "val/acc1_ema" in cfg.checkpoint.filename
+    plain = compose_config(base)
+    SwinlabCLI._monitor_ema(plain)
+    assert plain.checkpoint.monitor == "val/acc1"
+    raw = compose_config([*base, "--model.init_args.ema_decay", "0.99", "--export.ema", "false"])
+    SwinlabCLI._monitor_ema(raw)
+    assert raw.checkpoint.monitor == "val/acc1"
+    mine = compose_config([*base, "--model.init_args.ema_decay", "0.99", "--checkpoint.monitor", "val/loss"])
+    SwinlabCLI._monitor_ema(mine)
+    assert mine.checkpoint.monitor == "val/loss"  # a monitor set by hand is kept
