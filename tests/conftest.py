@@ -1,32 +1,12 @@
-"""Shared test setup: CPU-only defaults, caches inside the repo's ignored .cache/, small helpers."""
-import os
-import pathlib
+"""Test setup: CPU-only defaults, caches inside the repo's ignored .cache/, fixtures and collection hooks (shared
+non-fixture helpers: tests/helpers.py)."""
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-os.environ.setdefault("PYTHONHASHSEED", "0")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import helpers  # noqa: F401 - first: it sets the environment (DS_ACCELERATOR, caches) before torch is imported
+import pytest
+import torch
 
 torch.set_num_threads(1)  # tiny models: more threads only add OpenMP overhead (2-core CI)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> torch.nn.Module:
-    """Give every parameter a non-trivial random value (fresh V2 blocks are identities: their post-norms are 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "logit_scale" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 3)
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture
@@ -34,7 +14,6 @@ def python_exe() -> str:
     return sys.executable
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 # Files that hold the long multi-process runs go first: under ``pytest -n 2 --dist loadfile`` (the README's command)

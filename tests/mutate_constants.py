@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 NUMERICS = "tests/test_numerics.py"
 OPTIM = "tests/test_train_optim.py"
 # (file, original text, mutated text, tests that must fail)

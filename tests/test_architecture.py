@@ -5,8 +5,8 @@ import ast
 import pathlib
 
 import pytest
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "swinlab"
 
 # layer -> the swinlab layers it may import (besides itself and ``errors``); third-party rules below

@@ -17,12 +17,12 @@ import warnings
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 from PIL import Image
 
 from swinlab.errors import CheckpointError, ConfigError, SwinlabError
 from swinlab.training.cli import main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PICO = "swinv2_pico_patch2_window4_32"
 TINY = {
     "seed_everything": 0,

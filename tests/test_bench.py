@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 from swinlab.__main__ import main as cli_main
 from swinlab.tools import bench

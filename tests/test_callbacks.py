@@ -1,7 +1,7 @@
 """The TensorBoard attention images come from the model's own public methods (no re-implemented forward)."""
 import pytest
 import torch
-from conftest import randomize_
+from helpers import randomize_
 
 from swinlab.models import create_model, read_checkpoint
 from swinlab.training.callbacks import AttentionImages

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, randomize_
+from helpers import ROOT, randomize_
 from test_models import timm_twin
 from timm.models import swin_transformer as timm_v1
 from timm.models import swin_transformer_v2 as timm_v2

@@ -1,17 +1,16 @@
 """`python -m swinlab fit|validate ...` through LightningCLI: configs, errors, TensorBoard, checkpoints, resume."""
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 
 from swinlab.models import list_models
 from swinlab.training.cli import main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 PICO = "swinv2_pico_patch2_window4_32"
 

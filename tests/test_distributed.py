@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PICO = "swinv2_pico_patch2_window4_32"
 BATCH = 8  # per rank; the single-process reference uses 2 * BATCH
 STEPS = 3  # before the checkpoint; the resumed run adds one more

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALING = ROOT / "docs" / "scaling.md"
 SBATCH = Path("docs") / "slurm" / "v2_g.sbatch"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

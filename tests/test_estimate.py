@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from swinlab.errors import ConfigError
 from swinlab.models import create_model

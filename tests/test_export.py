@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, randomize_
+from helpers import ROOT, randomize_
 from test_models import timm_twin
 
 from swinlab.__main__ import main as swinlab_main

@@ -1,7 +1,7 @@
 """Fused (SDPA) window attention equals the explicit softmax path, and both equal timm, for V1 and V2."""
 import pytest
 import torch
-from conftest import randomize_, requires_cuda
+from helpers import randomize_, requires_cuda
 
 import swinlab
 from swinlab.models import swin as swin_mod

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from helpers import ROOT, randomize_
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
 
 _T0 = time.monotonic()

@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 import timm
 import torch
-from conftest import randomize_
+from helpers import randomize_
 from safetensors.torch import save_file
 from test_checkpoint import to_official
 from test_models import timm_twin

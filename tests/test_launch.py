@@ -9,15 +9,13 @@ Also: torchrun and SLURM-style environments (one process per rank, started by th
 """
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 EXP = ROOT / "experiments"
 STRATEGY = EXP / "strategy"

@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PICO_V2 = "swinv2_pico_patch2_window4_32"
 PICO_V1 = "swin_pico_patch2_window4_32"
 
@@ -128,7 +128,7 @@ def test_init_weights_matches_an_eager_build_per_parameter_kind(name, kwargs):
     (PICO_V2, dict(position_bias="none")), (PICO_V2, dict(img_size=24, position_bias="cpb_linear")),
 ])
 def test_materialised_model_recomputes_buffers_and_runs(name, kwargs):
-    from conftest import randomize_
+    from helpers import randomize_
 
     from swinlab.models import create_model
     eager = create_model(name, **kwargs)
@@ -167,7 +167,7 @@ def test_eager_build_is_unchanged_by_the_empty_init_code():
 # -- tasks with empty_init --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from conftest import randomize_
+    from helpers import randomize_
 
     from swinlab.models import create_model, save_safetensors
     out = tmp_path_factory.mktemp("meta_ckpt")
@@ -399,7 +399,7 @@ def _fsdp2_worker(out: pathlib.Path) -> None:
     # checkpoint: rank 0 reads, every rank gets its shards
     ckpt = out / "src.safetensors"
     if rank == 0:
-        from conftest import randomize_
+        from helpers import randomize_
 
         from swinlab.models import save_safetensors
         save_safetensors(randomize_(create_model(PICO_V2, num_classes=10)), ckpt, PICO_V2)
@@ -448,7 +448,7 @@ def _zero3_worker(out: pathlib.Path) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     config = {"train_batch_size": 2, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
-    from conftest import randomize_
+    from helpers import randomize_
     src = randomize_(create_model(PICO_V2, num_classes=10))
     save_safetensors(src, out / "src.safetensors", PICO_V2)
     result = {}

@@ -6,7 +6,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import randomize_
+from helpers import randomize_
 from timm.models.swin_transformer import SwinTransformer as TimmV1
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
 

@@ -316,7 +316,7 @@ def test_patch_merging_pads_odd_sizes_like_timm(hw):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_shift_along_one_axis_only_equals_timm(version):
     # 32x16 pixels, patch 2, W4: stage 1 is 8x4 tokens, shifted along H only (W holds a single window)
-    from conftest import randomize_
+    from helpers import randomize_
     from timm.models.swin_transformer import SwinTransformer as TimmV1
     from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
 
@@ -360,7 +360,7 @@ def test_extra_norm_is_applied_on_the_main_branch():
 
 def test_half_precision_weights_without_autocast_run_v2():
     # DeepSpeed's bf16 engine casts parameters, not buffers: the zero k bias and the fp32 bias/mask must follow q
-    from conftest import randomize_
+    from helpers import randomize_
     model = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=3)).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_attention_dropout_only_in_training(fused):
 
 
 def test_fused_training_gives_the_position_bias_its_gradient():
-    from conftest import randomize_
+    from helpers import randomize_
     ref = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=3, drop_path_rate=0.0))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
     grads = []

@@ -3,7 +3,6 @@ Face cache (offline), only train/ (a validation split is carved), num_classes fr
 predictions.csv with the class names (issue #13)."""
 import csv
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
@@ -11,10 +10,10 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import ROOT
 from PIL import Image
 from safetensors.torch import save_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TAG = "swinv2_tiny_window8_256.ms_in1k"
 SHORT = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--data.init_args.batch_size", "4",
          "--data.init_args.num_workers", "0", "--trainer.log_every_n_steps", "1", "--threads", "1"]

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 
 from swinlab.errors import CheckpointError, SwinlabError
 from swinlab.training.cli import main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PICO = "swinv2_pico_patch2_window4_32"
 
 # mixup/cutmix, stochastic depth and random shifts: every source of randomness an exact resume has to reproduce

@@ -2,11 +2,11 @@
 combinations stop with one line before training, chunk sizes are validated, the estimator reads strategy files."""
 import contextlib
 import io
-import pathlib
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 
 import swinlab
 from swinlab.errors import ConfigError
@@ -21,7 +21,6 @@ from swinlab.training.preflight import (
     valid_chunk_sizes,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 STRATEGIES = sorted((ROOT / "experiments" / "strategy").glob("*.yaml"))
 PICO = "swinv2_pico_patch2_window4_32"

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_
+from helpers import randomize_
 
 from swinlab.errors import ConfigError
 from swinlab.tasks.simmim import MaskedImageModeling, MaskGenerator
@@ -65,7 +65,7 @@ def _cli(args, cwd):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
     # the checkout's swinlab, not an installed copy: the run happens in cwd (a tmp folder)
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -74,7 +74,7 @@ def _cli(args, cwd):
 
 
 def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
-    from conftest import ROOT
+    from helpers import ROOT
 
     from swinlab.models import read_checkpoint
     from swinlab.tasks import ImageClassifier

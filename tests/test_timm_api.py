@@ -4,7 +4,7 @@ swinlab's variants in timm's registry as ``swinlab_<name>``; each checked agains
 import pytest
 import timm
 import torch
-from conftest import randomize_
+from helpers import randomize_
 from safetensors.torch import save_file
 from test_models import PICO, timm_twin
 from timm.data import resolve_data_config

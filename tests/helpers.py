@@ -1,0 +1,31 @@
+"""What tests share besides fixtures: the repository root, a weight randomiser and the CUDA skip mark. Tests import
+these (`from helpers import ROOT`); fixtures and hooks live in conftest.py."""
+import os
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# before torch/deepspeed are imported anywhere: CPU DeepSpeed, caches inside the repo's ignored .cache/
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def randomize_(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter a non-trivial random value (fresh V2 blocks are identities: their post-norms are 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "logit_scale" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 3)
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
