@@ -200,7 +200,7 @@ def test_no_other_read_of_a_private_lightning_attribute():
             for match in pattern.finditer(text):
                 found.setdefault(f"_{match.group(1)}", set()).add(str(path.relative_to(SRC.parent)))
     from swinlab.tasks.base import SwinTask
-    swinlab_own = {name for name in vars(SwinTask) if name.startswith("_")}  # e.g. pl_module._model_attr
+    swinlab_own = {name for name in vars(SwinTask) if name.startswith("_")}  # swinlab-private names of its own tasks
     unknown = {name: sorted(paths) for name, paths in found.items() if name not in KNOWN_READS | swinlab_own}
     assert not unknown, (
         f"swinlab reads private Lightning attributes {unknown}: use the public API, or add them to KNOWN_READS in "

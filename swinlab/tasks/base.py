@@ -115,7 +115,7 @@ class SwinTask:
     ``configure_model``, ``configure_optimizers``, ``lr_scheduler_step``, clipping and checkpoint metadata."""
 
     _configured = False
-    _model_attr = "model"  # the attribute that holds the Swin model (SimMIM: "encoder")
+    backbone_attr = "model"  # the attribute that holds the Swin model (SimMIM: "encoder")
 
     def attached_trainer(self) -> Optional[Any]:
         """The Trainer this module is attached to, or None (built alone, as in tests and tools): Lightning's public
@@ -164,7 +164,7 @@ class SwinTask:
         self._configured = True
         trainer = self.attached_trainer()
         strategy = getattr(trainer, "strategy", None)
-        model = getattr(self, self._model_attr)
+        model = getattr(self, self.backbone_attr)
         record_param_shapes(self)
         record_param_shapes(model)
         defer_checkpointing_to_strategy(model, trainer)
@@ -174,7 +174,7 @@ class SwinTask:
         if meta and mesh is None:
             if _is_zero3(strategy):
                 model = materialize_zero3(model)
-                setattr(self, self._model_attr, model)
+                setattr(self, self.backbone_attr, model)
             else:  # FSDP1 wraps (and moves) a CPU model unit by unit, as it does an eager build
                 materialize_local(model, torch.device("cpu") if _is_fsdp1(strategy) else device)
             meta = False
@@ -240,5 +240,5 @@ class SwinTask:
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Lets ``create_model(name, checkpoint=...)`` rebuild the saved geometry from a Lightning checkpoint."""
-        model = getattr(self, self._model_attr)
+        model = getattr(self, self.backbone_attr)
         checkpoint["swinlab"] = {"model": self.model_name, "config": model.config.to_dict()}

@@ -61,7 +61,7 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
             ImageClassifier (the mask token and decoder are small and built as usual).
     """
 
-    _model_attr = "encoder"
+    backbone_attr = "encoder"
 
     def __init__(
             self,

@@ -306,7 +306,7 @@ class ExportBest(Callback):
         self.path = out_dir / self.filename
         state: Optional[Dict[str, torch.Tensor]] = None
         ema = self.exports_ema(pl_module)
-        prefix = "ema.module." if ema else f"{getattr(pl_module, '_model_attr', 'model')}."
+        prefix = "ema.module." if ema else f"{getattr(pl_module, 'backbone_attr', 'model')}."
         if best and os.path.isdir(best):
             trainer.strategy.barrier("export_best")
             if trainer.is_global_zero:
