@@ -17,6 +17,7 @@ PICO = "swinv2_pico_patch2_window4_32"
 TINY = f"""
 seed_everything: 0
 threads: 1
+throughput: {{window_size: 2}}
 model:
   class_path: swinlab.tasks.ImageClassifier
   init_args: {{model_name: {PICO}, num_classes: 10, model_kwargs: {{img_size: 16}}, warmup_steps: 2,
@@ -133,10 +134,16 @@ def test_fit_logs_checkpoints_exports_and_resumes(tmp_path, monkeypatch):
     ea = _events(run)
     scalars = set(ea.Tags()["scalars"])
     for tag in ("train/loss", "val/loss", "val/acc1", "val/acc5", "lr-AdamW/decay", "lr-AdamW/no_decay",
-                "train/grad_norm", "train/images_per_sec", "train/host_peak_rss_bytes", "logit_scale/s0b0",
-                "logit_scale/s3b1"):
+                "train/grad_norm", "train/device/samples_per_sec", "train/device/flops_per_sec",
+                "train/host_peak_rss_bytes", "logit_scale/s0b0", "logit_scale/s3b1"):
         assert tag in scalars, (tag, sorted(scalars))
-    assert ea.Scalars("train/images_per_sec")[-1].value > 0 and ea.Scalars("train/host_peak_rss_bytes")[-1].value > 1e6
+    assert ea.Scalars("train/device/samples_per_sec")[-1].value > 0
+    assert ea.Scalars("train/host_peak_rss_bytes")[-1].value > 1e6
+    # Lightning's ThroughputMonitor: FLOPs/s = the task's flops_per_batch (3 x 2 x MACs x 16 images) x batches/s
+    from swinlab.models import create_model, model_macs
+    flops = 3 * 2 * model_macs(create_model(PICO, img_size=16, num_classes=10)) * 16
+    ratio = ea.Scalars("train/device/flops_per_sec")[-1].value / ea.Scalars("train/device/batches_per_sec")[-1].value
+    assert ratio == pytest.approx(flops, rel=1e-3)
     decay = [e.value for e in ea.Scalars("lr-AdamW/decay")]
     assert decay[0] == pytest.approx(5e-7 * 16 / 512) and max(decay) == pytest.approx(0.02 * 16 / 512)
     assert len(ea.Scalars("val/acc1")) == 2

@@ -384,7 +384,7 @@ def fit_runs(request, tmp_path_factory):
         if run.is_dir():
             ckpts = sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else []
             r.update(losses=_scalars(run, "train/loss"), peak_alloc=_scalars(run, "train/cuda_peak_allocated_bytes"),
-                     images_per_sec=_scalars(run, "train/images_per_sec"), checkpoints=ckpts)
+                     images_per_sec=_scalars(run, "train/device/samples_per_sec"), checkpoints=ckpts)
         results[n] = r
     (out_dir() / "fits.json").write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -117,6 +117,34 @@ class SwinTask:
     _configured = False
     backbone_attr = "model"  # the attribute that holds the Swin model (SimMIM: "encoder")
 
+    _batch_images = 0
+    _flops_per_image: Optional[int] = None
+
+    @property
+    def flops_per_batch(self) -> Optional[float]:
+        """FLOPs of the last batch over all ranks, for Lightning's ``ThroughputMonitor`` (FLOPs/s and MFU): the
+        model's analytic multiply-adds per image (``swinlab.models.flops.model_macs``) x 2, x 3 in training (forward +
+        backward), x images per batch x data-parallel ranks."""
+        model = getattr(self, self.backbone_attr, None)
+        if model is None or not hasattr(model, "config") or not self._batch_images:
+            return None
+        if self._flops_per_image is None:
+            from ..models.flops import model_macs
+            self._flops_per_image = 2 * model_macs(model)
+        trainer = self.attached_trainer()
+        world = trainer.world_size if trainer is not None else 1
+        return float(self._flops_per_image * (3 if self.training else 1) * self._batch_images * world)
+
+    def _count_images(self, batch: Any) -> None:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self._batch_images = int(x.shape[0]) if hasattr(x, "shape") else 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._count_images(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._count_images(batch)
+
     def attached_trainer(self) -> Optional[Any]:
         """The Trainer this module is attached to, or None (built alone, as in tests and tools): Lightning's public
         ``self.trainer`` raises RuntimeError while no trainer is attached."""

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint, ModelCheckpoint, ThroughputMonitor
 
 from ..errors import CheckpointError, SwinlabError
 
@@ -74,47 +73,46 @@ def peak_rss_bytes() -> float:
     return float(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def images_in_batch(batch: Any) -> int:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(x.shape[0])
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` over a window of ``window_size`` batches: ``train/device/samples_per_sec``
+    (images/s per rank; ``train/samples_per_sec`` over all ranks), ``train/device/flops_per_sec`` from the task's
+    ``flops_per_batch`` and, on devices Lightning knows the peak of (CUDA GPUs), ``train/device/mfu``; the same under
+    ``validate/``. It logs once the window is full."""
+
+    def __init__(self, window_size: int = 5):
+        if window_size < 2:
+            raise SwinlabError(f"throughput.window_size={window_size} must be >= 2 (batches per measurement)")
+        super().__init__(batch_size_fn=images_in_batch, window_size=int(window_size))
+
+
 class TrainingMonitor(Callback):
-    """Logs ``train/images_per_sec`` (all ranks), ``train/host_peak_rss_bytes`` (this process's peak resident memory
-    since it started, ``getrusage``), on CUDA ``train/cuda_peak_allocated_bytes`` (``torch.cuda.max_memory_allocated``),
-    ``train/grad_norm`` (before clipping) and each V2 block's mean logit scale (``logit_scale/s<i>b<j>``), every
-    ``log_every_n_steps``. After each validation, ``hp_metric`` (TensorBoard's HPARAMS tab) is the checkpoint
-    callback's best monitored value so far, so runs compare by their best, not by the default -1."""
+    """Logs ``train/host_peak_rss_bytes`` (this process's peak resident memory since it started, ``getrusage``), on
+    CUDA ``train/cuda_peak_allocated_bytes`` (``torch.cuda.max_memory_allocated``), ``train/grad_norm`` (before
+    clipping) and each V2 block's mean logit scale (``logit_scale/s<i>b<j>``), every ``log_every_n_steps``. Images/s,
+    FLOPs/s and MFU come from :class:`Throughput` (Lightning's ThroughputMonitor). After each validation, ``hp_metric``
+    (TensorBoard's HPARAMS tab) is the checkpoint callback's best monitored value so far, so runs compare by their
+    best, not by the default -1."""
 
     def __init__(self, log_logit_scales: bool = True):
         super().__init__()
         self.log_logit_scales = log_logit_scales
-        self._t0: Optional[float] = None
-        self._images = 0
 
     def _due(self, trainer: pl.Trainer) -> bool:
         n = max(1, trainer.log_every_n_steps)
         return trainer.global_step % n == 0
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t0, self._images = None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self._t0 is None:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize(pl_module.device)
-            self._t0, self._images = time.perf_counter(), 0
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        self._images += int(x.shape[0]) * trainer.world_size
-        if not self._due(trainer) or self._t0 is None:
+        if not self._due(trainer):
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        dt = time.perf_counter() - self._t0
-        if dt > 0 and self._images:
-            pl_module.log("train/images_per_sec", self._images / dt, on_step=True, on_epoch=False)
         if pl_module.device.type == "cuda":
             pl_module.log("train/cuda_peak_allocated_bytes", float(torch.cuda.max_memory_allocated(pl_module.device)),
                           on_step=True, on_epoch=False)
         pl_module.log("train/host_peak_rss_bytes", peak_rss_bytes(), on_step=True, on_epoch=False)
-        self._t0, self._images = time.perf_counter(), 0
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         if engine is not None:  # DeepSpeed keeps the gradients in its own buffers; it computed the norm to clip
             norm = engine.get_global_grad_norm()

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ..errors import CheckpointError, ConfigError, SwinlabError
-from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, TrainingMonitor
+from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
 
 # ckpt_path values Lightning resolves itself (not file paths)
@@ -233,6 +233,7 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
     parser.set_defaults({"lr_monitor.logging_interval": "step"})
     parser.add_lightning_class_args(TrainingMonitor, "monitor")
+    parser.add_lightning_class_args(Throughput, "throughput")
     parser.add_lightning_class_args(AttentionImages, "attention_images")
     parser.add_lightning_class_args(ExportBest, "export")
     parser.add_lightning_class_args(ResumeState, "resume")
@@ -249,10 +250,11 @@ def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgu
     """The parser ``python -m swinlab <subcommand>`` reads its configuration with, built and returned unused.
 
     Same ``--config`` composition, ``--a.b value`` overrides, sections (trainer, model, data, checkpoint, lr_monitor,
-    monitor, attention_images, export, resume, nonfinite, predictions, threads, seed_everything, ckpt_path) and defaults
-    (``TRAINER_DEFAULTS``, the checkpoint settings) as :class:`SwinlabCLI`'s parser for that subcommand: both are made
-    by the same functions. Nothing is instantiated. ``parser_kwargs`` go to ``LightningArgumentParser`` (default
-    ``exit_on_error=False``: bad input raises ``jsonargparse.ArgumentError``; :func:`parse_config` makes it one line).
+    monitor, throughput, attention_images, export, resume, nonfinite, predictions, threads, seed_everything,
+    ckpt_path) and defaults (``TRAINER_DEFAULTS``, the checkpoint settings) as :class:`SwinlabCLI`'s parser for that
+    subcommand: both are made by the same functions. Nothing is instantiated. ``parser_kwargs`` go to
+    ``LightningArgumentParser`` (default ``exit_on_error=False``: bad input raises ``jsonargparse.ArgumentError``;
+    :func:`parse_config` makes it one line).
     """
     methods = LightningCLI.subcommands()
     if subcommand not in methods:
