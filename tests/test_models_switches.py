@@ -381,7 +381,12 @@ def test_reset_classifier_builds_a_freshly_initialised_head():
     with torch.no_grad():
         assert model(x).shape == (2, 40)
         model.reset_classifier(0)
-        model.eval()  # the new head is built in training mode (its dropout on), whatever the model's mode
+        assert not model.head.training  # the new head follows the model's mode: no dropout in an eval model
+        model.train()
+        model.reset_classifier(3)
+        assert model.head.training
+        model.eval()
+        model.reset_classifier(0)
         assert model.config.num_classes == 0 and isinstance(model.head.fc, torch.nn.Identity)
         torch.testing.assert_close(model(x), model.forward_features(x).mean(dim=(1, 2)), atol=1e-6, rtol=0)
 

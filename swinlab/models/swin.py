@@ -788,6 +788,7 @@ class SwinTransformer(nn.Module):
         self.config = self.config.replace(num_classes=num_classes)
         self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate)
         self.head.apply(self._init_weights)
+        self.head.train(self.training)  # a new head follows the model's mode (no dropout in an eval model)
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
