@@ -241,3 +241,19 @@ def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
                          cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown model 'swin_pico'")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_integer_weights_are_refused_in_one_line(tmp_path):
+    """An int8 safetensors file (quantised, or not weights at all) would be cast into the float weights silently."""
+    from safetensors.torch import save_file
+
+    from swinlab.errors import CheckpointError
+    src = create_model("swin_pico_patch2_window4_32", num_classes=3)
+    sd = {k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    save_file(sd, str(tmp_path / "int8.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        create_model("swin_pico_patch2_window4_32", num_classes=3, checkpoint=str(tmp_path / "int8.safetensors"))
+    assert "torch.int8 values for floating-point weights" in str(err.value) and "\n" not in str(err.value)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    save_file(half, str(tmp_path / "half.safetensors"))  # half precision is a float: loaded (and cast)
+    create_model("swin_pico_patch2_window4_32", num_classes=3, checkpoint=str(tmp_path / "half.safetensors"))

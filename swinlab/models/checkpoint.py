@@ -239,6 +239,11 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
         raise CheckpointError(f"checkpoint {checkpoint} does not fit {name} "
                               f"({len(shapes)} shape mismatches, {len(missing)} missing, {len(unexpected)} unexpected "
                               f"keys; first: {'; '.join(problems)}); {hint}")
+    wrong = [k for k in sd if k in own and own[k].is_floating_point() and not sd[k].is_floating_point()]
+    if wrong:  # PyTorch would cast int8/uint8 (quantised or corrupt) values silently into the float weights
+        raise CheckpointError(f"checkpoint {checkpoint} holds {sd[wrong[0]].dtype} values for floating-point weights "
+                              f"({len(wrong)} tensors, first {wrong[0]}): quantised or not a weights file; export "
+                              f"float weights (fp32/bf16/fp16) and load those")
     model.load_state_dict(sd, strict=not skipped_head)
 
 
