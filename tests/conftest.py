@@ -10,6 +10,22 @@ torch.set_num_threads(1)  # tiny models: more threads only add OpenMP overhead (
 
 
 @pytest.fixture
+def spy(monkeypatch):
+    """``spy(owner, name, record)``: calls of ``owner.name`` still run, and ``record(*args, **kwargs)`` of each call
+    is appended to the returned list (a method patched on its class gets ``self`` first)."""
+    def install(owner, name, record):
+        calls, real = [], getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(record(*args, **kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+        return calls
+    return install
+
+
+@pytest.fixture
 def python_exe() -> str:
     return sys.executable
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import swinlab
 from swinlab.models import swin as swin_module
@@ -24,16 +23,8 @@ def _model(**kw):
 
 
 @pytest.fixture
-def normalize_dtypes(monkeypatch):
-    seen = []
-    real = F.normalize
-
-    def spy(x, *args, **kwargs):
-        seen.append(x.dtype)
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(swin_module.F, "normalize", spy)
-    return seen
+def normalize_dtypes(spy):
+    return spy(swin_module.F, "normalize", lambda x, *args, **kwargs: x.dtype)
 
 
 def test_fp32_islands_under_bf16_autocast(normalize_dtypes):

@@ -60,16 +60,8 @@ def test_forward_pyramid_equals_timms_intermediates(version, norm_last):
 # -- fused / explicit attention ---------------------------------------------------------------------------------------
 
 @pytest.fixture
-def sdpa_calls(monkeypatch):
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(swin_module.F, "scaled_dot_product_attention", spy)
-    return calls
+def sdpa_calls(spy):
+    return spy(swin_module.F, "scaled_dot_product_attention", lambda q, *args, **kwargs: tuple(q.shape))
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -92,17 +84,10 @@ def test_set_fused_attn_switches_the_kernel_and_not_the_result(version, sdpa_cal
 
 
 @pytest.fixture
-def windows_per_call(monkeypatch):
+def windows_per_call(spy):
     """The number of windows each ``_attend`` call receives, and whether it got a mask."""
-    calls = []
-    real = swin_module.WindowAttention._attend
-
-    def spy(self, q, k, v, mask, scale):
-        calls.append((q.shape[1], None if mask is None else mask.shape[0]))
-        return real(self, q, k, v, mask, scale)
-
-    monkeypatch.setattr(swin_module.WindowAttention, "_attend", spy)
-    return calls
+    return spy(swin_module.WindowAttention, "_attend",
+               lambda self, q, k, v, mask, scale: (q.shape[1], None if mask is None else mask.shape[0]))
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -183,18 +168,11 @@ def test_cpb_mlp_runs_in_fp32_under_bf16_autocast():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # bf16 would be off by ~0.03 on values up to 16
 
 
-def test_cosine_normalisation_and_logit_scale_in_fp32_under_bf16_autocast(monkeypatch):
+def test_cosine_normalisation_and_logit_scale_in_fp32_under_bf16_autocast(spy):
     attn = _model().layers[0].blocks[1].attn
     with torch.no_grad():
         attn.logit_scale.copy_(torch.tensor([math.log(1000.0)]).view(1, 1, 1))  # above the cap: clamped to ln 100
-    seen = []
-    real = F.normalize
-
-    def spy(t, *args, **kwargs):
-        seen.append(t.dtype)
-        return real(t, *args, **kwargs)
-
-    monkeypatch.setattr(swin_module.F, "normalize", spy)
+    seen = spy(swin_module.F, "normalize", lambda t, *args, **kwargs: t.dtype)
     x = torch.randn(2, 16, 16, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         q, k, _, _, scale = attn._qkv_mask(x, None)
