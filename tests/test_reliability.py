@@ -311,3 +311,64 @@ def test_fp16_quickstart_v2_stays_finite_on_gpu(tmp_path, monkeypatch):
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert ckpt["callbacks"]["NonFiniteGuard"]["skipped_steps"] <= 5  # only GradScaler calibration, if any
+
+
+def _free_ports(n):
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_two_process_ddp_run_then_resume_matches_an_uninterrupted_one(tmp_path):
+    """Both ranks started by the CLI's own launcher (``--trainer.devices 2``), the whole process group killed with
+    SIGKILL after the mid-epoch save at step 3, then ``--ckpt_path last``: the same steps and bit-identical weights
+    as an uninterrupted 2-process run (each rank resumes its own shard of the epoch)."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(CONFIG))
+    (tmp_path / "pause_cb.py").write_text(PAUSE.replace('open(self.flag, "w")',
+                                                        'open(f"{self.flag}.{trainer.global_rank}", "w")'))
+    flag = tmp_path / "paused"
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    ports = iter(_free_ports(3))
+
+    def start(name, *extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "swinlab", "fit", "--config", "cfg.yaml", *ddp, "--trainer.logger.init_args.name",
+             name, *extra], cwd=tmp_path, env=dict(_env(tmp_path), MASTER_PORT=str(next(ports))),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    whole = start("whole")
+    killed = start("killed", "--trainer.callbacks+=pause_cb.PauseAt", "--trainer.callbacks.step=4",
+                   f"--trainer.callbacks.flag={flag}")
+    try:
+        deadline = time.time() + 300
+        while not all(pathlib.Path(f"{flag}.{r}").exists() for r in range(2)):
+            assert killed.poll() is None, killed.stderr.read()[-3000:]
+            assert time.time() < deadline, "the killed run never reached step 4 on both ranks"
+            time.sleep(0.2)
+        os.killpg(killed.pid, signal.SIGKILL)  # rank 0 and the rank it launched
+        killed.wait(30)
+        assert whole.wait(300) == 0, whole.stderr.read()[-3000:]
+    finally:
+        for p in (whole, killed):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    run = tmp_path / "runs" / "killed" / "version_0"
+    mid = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert mid["global_step"] == 3 and mid["epoch"] == 0  # a mid-epoch checkpoint; step 4 was lost on both ranks
+
+    resumed_proc = start("killed", "--ckpt_path", "last")
+    assert resumed_proc.wait(300) == 0, resumed_proc.stderr.read()[-3000:]
+    assert not (tmp_path / "runs" / "killed" / "version_1").exists()
+    whole_ckpt, whole_metrics = _final(tmp_path / "runs" / "whole" / "version_0")
+    resumed, resumed_metrics = _final(run)
+    assert resumed["global_step"] == whole_ckpt["global_step"] == 12  # 2 epochs x 6 batches on each rank
+    assert resumed_metrics == whole_metrics
+    diff = [k for k, v in whole_ckpt["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    assert not diff, diff[:5]  # bit-identical weights
