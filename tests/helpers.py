@@ -29,3 +29,18 @@ def randomize_(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> torc
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def free_ports(n: int) -> list:
+    """n distinct free TCP ports (the sockets stay bound until all are picked, so none repeats)."""
+    import socket
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -9,13 +9,12 @@ Also: torchrun and SLURM-style environments (one process per rank, started by th
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, free_ports
 
 EXP = ROOT / "experiments"
 STRATEGY = EXP / "strategy"
@@ -69,7 +68,7 @@ def _run_chains(chains, timeout):
     command gets its own rendezvous port: free ports picked by concurrent launches themselves can coincide, and then
     one run's rank joins another run's process group. A chain stops at its first failure."""
     from concurrent.futures import ThreadPoolExecutor
-    ports = iter(_free_ports(sum(len(c) for c in chains)))
+    ports = iter(free_ports(sum(len(c) for c in chains)))
     chains = [[(cwd, cmd, next(ports)) for cwd, cmd in chain] for chain in chains]
 
     def run_chain(chain):
@@ -121,21 +120,9 @@ def events(run_dir):
 
 
 def _free_port() -> int:
-    return _free_ports(1)[0]
+    return free_ports(1)[0]
 
 
-def _free_ports(n: int) -> list:
-    """n distinct free TCP ports (the sockets stay bound until all are picked, so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, free_ports
 
 from swinlab.errors import CheckpointError, SwinlabError
 from swinlab.training.cli import main
@@ -313,18 +313,6 @@ def test_fp16_quickstart_v2_stays_finite_on_gpu(tmp_path, monkeypatch):
     assert ckpt["callbacks"]["NonFiniteGuard"]["skipped_steps"] <= 5  # only GradScaler calibration, if any
 
 
-def _free_ports(n):
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.mark.slow
 def test_sigkill_of_a_two_process_ddp_run_then_resume_matches_an_uninterrupted_one(tmp_path):
     """Both ranks started by the CLI's own launcher (``--trainer.devices 2``), the whole process group killed with
@@ -335,7 +323,7 @@ def test_sigkill_of_a_two_process_ddp_run_then_resume_matches_an_uninterrupted_o
                                                         'open(f"{self.flag}.{trainer.global_rank}", "w")'))
     flag = tmp_path / "paused"
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    ports = iter(_free_ports(3))
+    ports = iter(free_ports(3))
 
     def start(name, *extra):
         return subprocess.Popen(

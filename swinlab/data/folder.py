@@ -78,9 +78,10 @@ def check_split(root: Path, what: str) -> List[str]:
     return classes
 
 
-def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True):
     """Decode one image as RGB; an image of more than ``max_pixels`` pixels is refused before it is decoded (a
-    48 KB PNG can hold 20000 x 20000 pixels)."""
+    48 KB PNG can hold 20000 x 20000 pixels). ``decode=False``: the same checks on the header only, nothing
+    decoded (returns None)."""
     from PIL import Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
@@ -89,7 +90,7 @@ def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ValueError(f"{w}x{h} pixels is more than max_image_pixels={max_pixels}")
-            return img.convert("RGB")
+            return img.convert("RGB") if decode else None
 
 
 class PredictImages:
@@ -106,11 +107,7 @@ class PredictImages:
         readable = []
         for p in paths:  # the header only: an unreadable file is named now, not halfway through the predictions
             try:
-                from PIL import Image
-                with Image.open(p) as img:
-                    w, h = img.size
-                if max_image_pixels is not None and w * h > max_image_pixels:
-                    raise ValueError(f"{w}x{h} pixels is more than max_image_pixels={max_image_pixels}")
+                load_rgb(p, max_image_pixels, decode=False)
                 readable.append(p)
             except Exception as exc:  # noqa: BLE001 - whatever the decoder raises
                 if on_corrupt == "error":
