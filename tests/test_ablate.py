@@ -82,15 +82,17 @@ def test_evaluation_after_transfer_uses_the_trained_weights(tmp_path):
                 assert not torch.equal(v, fresh.state_dict()[k]), k  # not a re-initialised model
 
 
-def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path):
+def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path, capsys):
+    """Through the entry point of ``python -m swinlab`` (in-process here; test_bad_inputs.py starts ``ablate`` as a
+    real subprocess for its CLI class)."""
+    from swinlab.__main__ import main as swinlab_main
     bad = dict(TINY, eval=[{"img_size": 32, "window_size": 5}])
     with pytest.raises(ConfigError, match="window 5x5 cannot tile the 16x16 token grid"):
         check_study(bad)
-    env = _checkout_env()
-    res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(write_study(tmp_path, bad)),
-                          "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert res.returncode == 2 and res.stderr.strip().startswith("error: eval #1: window 5x5 cannot tile")
+    capsys.readouterr()
+    rc = swinlab_main(["ablate", "--config", str(write_study(tmp_path, bad)), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().startswith("error: eval #1: window 5x5 cannot tile"), err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="not divisible by the patch size 2"):
         check_study(dict(TINY, eval=[{"img_size": 33, "window_size": 4}]))

@@ -2,14 +2,12 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, randomize_
+from helpers import randomize_
 from test_models import timm_twin
 from timm.models import swin_transformer as timm_v1
 from timm.models import swin_transformer_v2 as timm_v2
@@ -218,17 +216,20 @@ def test_truncated_and_missing_files_get_one_line(tmp_path):
         create_model("v1_pico", checkpoint=str(tmp_path / "nope.pth"))
 
 
-def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
+def test_convert_cli_writes_a_transferred_safetensors(tmp_path, capsys):
+    """``python -m swinlab convert`` through its entry point, in-process (tests/test_export.py starts the command as a
+    real subprocess)."""
+    from swinlab.__main__ import main as swinlab_main
     src = randomize_(timm_twin("swin_pico_patch2_window4_32"))
     official = tmp_path / "official.pth"
     torch.save(to_official(src.state_dict(), src), official)
     out = tmp_path / "big.safetensors"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    res = subprocess.run([sys.executable, "-m", "swinlab", "convert", str(official), "--model",
-                          "swin_pico_patch2_window4_32", "--img-size", "64", "--window-size", "8", "--out", str(out)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stderr
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    rc = swinlab_main(["convert", str(official), "--model", "swin_pico_patch2_window4_32", "--img-size", "64",
+                       "--window-size", "8", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    info = json.loads(captured.out.strip().splitlines()[-1])
     assert info["img_size"] == [64, 64] and info["window_size"][0] == 8
     direct = create_model("swin_pico_patch2_window4_32", checkpoint=str(official), img_size=64, window_size=8).eval()
     reloaded = create_model("swin_pico_patch2_window4_32", checkpoint=str(out)).eval()  # geometry from metadata
@@ -236,11 +237,9 @@ def test_convert_cli_writes_a_transferred_safetensors(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(direct(x), reloaded(x))
-    bad = subprocess.run([sys.executable, "-m", "swinlab", "convert", str(official), "--model", "swin_pico",
-                          "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown model 'swin_pico'")
-    assert len(bad.stderr.strip().splitlines()) == 1
+    rc = swinlab_main(["convert", str(official), "--model", "swin_pico", "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: unknown model 'swin_pico'") and len(err.splitlines()) == 1
 
 
 def test_integer_weights_are_refused_in_one_line(tmp_path):

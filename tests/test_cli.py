@@ -111,14 +111,6 @@ def test_build_parser_is_the_clis_parser(subcommand, configs, extra, capsys):
     assert yaml.safe_load(build_parser(subcommand).dump(cfg, skip_none=False)) == printed
 
 
-def test_python_m_swinlab_reports_error_and_exit_code(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    out = _swinlab(["fit", "--config", "tiny.yaml", "--model.init_args.foo", "1"], tmp_path)
-    assert out.returncode == 2
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "foo" in last
-
-
 def _events(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
@@ -188,22 +180,6 @@ def test_fit_logs_checkpoints_exports_and_resumes(tmp_path, monkeypatch):
     assert len(_events(run).Scalars("val/acc1")) == 3  # the run's curves continue
 
 
-def test_two_runs_started_at_the_same_moment_get_their_own_version_folders(tmp_path):
-    """The version folder is reserved with os.mkdir (atomic), not by listing the folder: two runs of one config started
-    together each log into a folder of their own, with their own config.yaml."""
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    args = [sys.executable, "-m", "swinlab", "validate", "--config", "tiny.yaml", "--trainer.limit_val_batches", "1"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
-    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
-    assert runs == ["version_0", "version_1"]
-    for name in runs:
-        assert (tmp_path / "runs" / "tiny" / name / "config.yaml").is_file()
-        assert len(list((tmp_path / "runs" / "tiny" / name).glob("events.out.tfevents.*"))) == 1
-
-
 def test_an_ema_run_monitors_and_exports_the_ema_unless_told_otherwise():
     from swinlab.training.cli import SwinlabCLI, compose_config
     base = ["--config", str(ROOT / "experiments" / "quickstart.yaml")]
@@ -219,3 +195,34 @@ def test_an_ema_run_monitors_and_exports_the_ema_unless_told_otherwise():
     mine = compose_config([*base, "--model.init_args.ema_decay", "0.99", "--checkpoint.monitor", "val/loss"])
     SwinlabCLI._monitor_ema(mine)
     assert mine.checkpoint.monitor == "val/loss"  # a monitor set by hand is kept
+
+
+def test_the_quick_exit_does_what_a_normal_exit_does_first(monkeypatch, capsys):
+    """``python -m swinlab`` ends with ``exit_without_teardown``: running threads joined, atexit handlers run (in their
+    LIFO order), stdout/stderr flushed, then ``os._exit`` with the command's code; SystemExit codes pass through."""
+    import threading
+    import time
+
+    import swinlab.__main__ as entry
+    events = []
+    worker = threading.Thread(target=lambda: (time.sleep(0.2), events.append("thread")))
+    worker.start()
+    monkeypatch.setattr(entry.atexit, "_run_exitfuncs", lambda: events.append("atexit"))
+    monkeypatch.setattr(entry.os, "_exit", lambda code: events.append(("exit", code)))
+    print("buffered line", end="")
+    entry.exit_without_teardown(3)
+    assert events == ["thread", "atexit", ("exit", 3)]
+    assert capsys.readouterr().out == "buffered line"
+
+    events.clear()
+    for result, code in ((0, 0), (2, 2), (SystemExit(None), 0), (SystemExit(2), 2)):
+        def fake_main(result=result):
+            if isinstance(result, SystemExit):
+                raise result
+            return result
+        monkeypatch.setattr(entry, "main", fake_main)
+        entry.run()
+        assert events[-1] == ("exit", code)
+    monkeypatch.setattr(entry, "main", lambda: (_ for _ in ()).throw(SystemExit("a message for the user")))
+    with pytest.raises(SystemExit, match="a message for the user"):  # printed by the normal exit
+        entry.run()

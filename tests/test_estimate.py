@@ -85,32 +85,25 @@ def test_activation_bytes_on_meta_equal_a_real_forward():
     assert est["checkpointed"] < 0.5 * est["plain"]
 
 
-def test_estimate_cli_json_and_bad_config(tmp_path):
+def test_estimate_cli_json_and_fits_overrides(tmp_path):
+    """`python -m swinlab estimate --config <file> --trainer.devices 64 --json`: a SwinV2-G file read the way `fit`
+    reads it (the override wins, the rest of the file survives; issue #11), one JSON object out."""
     cfg = write(tmp_path, "g.yaml", {"model": {"class_path": TASK,
                                                "init_args": {"model_name": "swinv2_giant_window12_192",
                                                              "model_kwargs": {"grad_checkpointing": True}}},
                                      "data": {**DATA, "init_args": {"batch_size": 4}},
                                      "trainer": {"precision": "bf16-mixed", "devices": 8}})
     env = _checkout_env()
-    res = subprocess.run([sys.executable, "-m", "swinlab", "estimate", "--config", cfg, "--json"], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, "-m", "swinlab", "estimate", "--config", cfg, "--trainer.devices", "64",
+                          "--json"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert 2.9e9 < out["params"] < 3.1e9 and out["grad_checkpointing"] is True
     assert out["activation_bytes_per_image"]["checkpointed"] < out["activation_bytes_per_image"]["plain"] / 4
+    assert out["world_size"] == 64 and out["model"] == "swinv2_giant_window12_192"
+    assert out["batch_size_per_gpu"] == 4  # the rest of the file survives the override
     with pytest.raises(ConfigError, match="does not exist"):
         load_configs([str(tmp_path / "missing.yaml")])
-
-
-def test_estimate_takes_fits_overrides_through_python_m_swinlab():
-    """`estimate --config experiments/quickstart.yaml --trainer.devices 64`, as `fit` would take it (issue #11)."""
-    res = subprocess.run([sys.executable, "-m", "swinlab", "estimate", "--config", "experiments/quickstart.yaml",
-                          "--trainer.devices", "64", "--json"], cwd=ROOT, capture_output=True, text=True,
-                         env=_checkout_env(), timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout)
-    assert out["world_size"] == 64 and out["model"] == "swinv2_pico_patch2_window4_32"
-    assert out["batch_size_per_gpu"] == 64  # the rest of the file survives the override
 
 
 def test_estimate_composes_exactly_like_fit(tmp_path):

@@ -87,6 +87,9 @@ def _run_chains(chains, timeout):
 # others train 3 steps (a mid-epoch save at step 2, validation at step 3) and resume to step 5.
 FIT_LENGTH = {"ddp": ["--trainer.strategy", "ddp", "--trainer.max_epochs", "1"]}
 RESUME_LENGTH = {"ddp": ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"]}
+# SimMIM under FSDP2 fits, validates and saves; its resume is the classifier's (the same strategy code) and is left out
+# to keep the suite's time: every launch costs two interpreter start-ups (~6 s of CPU each)
+FIT_ONLY = {"simmim_fsdp2"}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,7 @@ def matrix(tmp_path_factory):
     args["simmim_fsdp2"][1] = str(EXP / "simmim_quick.yaml")  # SimMIM pretraining instead of the classifier
     chains = [[(dirs[n], _cmd(*args[n], *FIT_LENGTH.get(n, ["--trainer.max_steps", "3"]), tag="fit")),
                (dirs[n], _cmd(*args[n], *RESUME_LENGTH.get(n, ["--trainer.max_steps", "5"]), "--ckpt_path", "last",
-                              tag="resume"))] for n in jobs]
+                              tag="resume"))][:1 if n in FIT_ONLY else 2] for n in jobs]
     results = dict(zip(jobs, _run_chains(chains, timeout=480)))
     return {n: (dirs[n], results[n][0], results[n][1] if len(results[n]) > 1 else None) for n in jobs}
 
@@ -168,7 +171,7 @@ def test_strategy_fits_validates_saves_and_resumes_through_the_cli(matrix, name)
 
 
 @pytest.mark.slow
-def test_simmim_pretrains_and_resumes_under_fsdp2(matrix):
+def test_simmim_pretrains_under_fsdp2(matrix):
     """SimMIM's masked forward goes through the encoder's own call (FSDP2's root hooks gather its parameters); the
     replicated decoder and mask token get their gradients averaged over the ranks."""
     tmp_path, (rc, log), resume = matrix["simmim_fsdp2"]
@@ -184,8 +187,7 @@ def test_simmim_pretrains_and_resumes_under_fsdp2(matrix):
     import swinlab
     encoder = swinlab.create_model(PICO, checkpoint=str(run / "best.safetensors"))  # the exported encoder
     assert torch.isfinite(encoder.forward_features(torch.randn(1, 3, 32, 32))).all()
-    assert resume is not None and resume[0] == 0, resume and resume[1]
-    assert all([s["step"] for s in p["steps"]] == [4, 5] for p in probes(tmp_path, "resume"))
+    assert resume is None  # FIT_ONLY
 
 
 def _launch_ranks(tmp_path, args, per_rank_env, timeout=240):
@@ -258,15 +260,19 @@ def _dcp_folder_with_payload(folder, marker):
     return folder
 
 
-def test_a_payload_in_a_distributed_checkpoint_is_refused_through_the_cli(tmp_path):
+def test_a_payload_in_a_distributed_checkpoint_is_refused_through_the_cli(tmp_path, monkeypatch, capsys):
+    """Through ``python -m swinlab``'s entry point, in-process (the check runs before anything is built or launched;
+    test_bad_inputs.py starts a payload case as a real subprocess)."""
+    from swinlab.__main__ import main as swinlab_main
     marker = tmp_path / "ran"
     folder = _dcp_folder_with_payload(tmp_path / "evil.ckpt", marker)
-    cmd = [sys.executable, "-m", "swinlab", "fit", "--config", str(EXP / "quickstart.yaml"), "--config",
-           str(STRATEGY / "fsdp2.yaml"), "--trainer.strategy.init_args.data_parallel_size", "1",
-           "--ckpt_path", str(folder)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    rc = swinlab_main(["fit", "--config", str(EXP / "quickstart.yaml"), "--config", str(STRATEGY / "fsdp2.yaml"),
+                       "--trainer.strategy.init_args.data_parallel_size", "1", "--ckpt_path", str(folder)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, err[-3000:]
     assert ".metadata" in lines[0] and "SWINLAB_TRUST_CHECKPOINTS" in lines[0] and ".system" in lines[0]
     assert not marker.exists() and not (tmp_path / "runs").exists()  # nothing ran, no run folder was made
 

@@ -73,7 +73,7 @@ def _cli(args, cwd):
                           timeout=600)
 
 
-def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
+def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path, monkeypatch):
     from helpers import ROOT
 
     from swinlab.models import read_checkpoint
@@ -98,9 +98,15 @@ def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
     ckpt, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")  # 'encoder.' prefix stripped
     assert "mask_token" not in ckpt and all(torch.equal(enc[k], ckpt[k]) for k in enc)
 
-    # fine-tune through the CLI with window transfer 32/W4 -> 32/W8 and layer decay
-    ft = _cli(["fit", "--config", str(exp / "simmim_quick_finetune.yaml"), *limits], tmp_path)
-    assert ft.returncode == 0, ft.stderr[-3000:]
+    # fine-tune with window transfer 32/W4 -> 32/W8 and layer decay, through python -m swinlab's entry point
+    # (in-process: the pretraining above is the real subprocess)
+    from swinlab.__main__ import main as swinlab_main
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        assert swinlab_main(["fit", "--config", str(exp / "simmim_quick_finetune.yaml"), *limits]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert list((tmp_path / "runs" / "simmim_quick_finetune").glob("version_*/checkpoints/last.ckpt"))
     # the classifier the fine-tune config builds starts from exactly the pretrained encoder tensors
     clf = ImageClassifier(model_name="swinv2_pico_patch2_window4_32", num_classes=10, checkpoint=str(exported),
@@ -111,3 +117,16 @@ def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path):
     for k, v in enc.items():
         assert torch.equal(sd[k], v), k
     assert set(sd) - set(enc) == {"head.fc.weight", "head.fc.bias"}
+
+    # the pretraining resumes where it stopped (mask token, decoder and optimizer state), in the same run folder
+    before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    try:
+        assert swinlab_main(["fit", "--config", str(exp / "simmim_quick.yaml"), *limits[:1], "2", *limits[2:],
+                             "--ckpt_path", "last"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (before["global_step"], after["global_step"]) == (3, 6)
+    assert not torch.equal(before["state_dict"]["mask_token"], after["state_dict"]["mask_token"])
+    steps = {int(v["step"]) for v in after["optimizer_states"][0]["state"].values()}
+    assert steps == {6}  # Adam's state carried over: 3 steps before, 3 after
