@@ -4,6 +4,8 @@ strategy file started through ``python -m swinlab fit`` itself: tests/test_launc
 
 The two ranks are launched as plain processes with torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, ...), so
 Lightning uses them as they are; this file is also the worker script (``python tests/test_distributed.py worker``).
+The same processes then run test_meta_init.py's empty-init checks (FSDP2 on the two ranks, ZeRO-3 in the DeepSpeed
+process): every interpreter start-up costs ~6 s of CPU, so the suite starts as few as it can.
 """
 import json
 import os
@@ -74,6 +76,9 @@ def _worker(out: pathlib.Path) -> None:
     # same max_steps as the reference (the cosine schedule depends on it), stopped after STEPS like a killed run
     _fit(fsdp2(), 2, BATCH, STEPS + 1, out, "fsdp2", save=ckpt, stop_after=STEPS)
     _fit(fsdp2(), 2, BATCH, STEPS + 1, out, "fsdp2_resumed", ckpt_path=ckpt)
+    # the same two processes (each interpreter start-up costs ~6 s of CPU): test_meta_init's FSDP2 empty-init checks
+    from test_meta_init import fsdp2_empty_init_checks
+    fsdp2_empty_init_checks(out)
 
 
 def _free_port() -> int:
@@ -150,19 +155,49 @@ def _deepspeed_lightning_worker(out: pathlib.Path) -> None:
     for tag, strategy in runs.items():
         result[tag] = _fit(strategy, 1, BATCH, STEPS + 1, out, tag)
     (out / "deepspeed_lightning.json").write_text(json.dumps(result))
+    from test_meta_init import zero3_empty_init_checks  # the same process: test_meta_init's ZeRO-3 checks
+    zero3_empty_init_checks(out)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, __file__, "deepspeed-lightning", str(out)], env=env, cwd=out,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return out
 
 
 @pytest.mark.slow
-def test_lightning_deepspeed_strategy_zero2_zero3_follow_single_device_on_cpu(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, __file__, "deepspeed-lightning", str(tmp_path)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    losses = json.loads((tmp_path / "deepspeed_lightning.json").read_text())
+def test_lightning_deepspeed_strategy_zero2_zero3_follow_single_device_on_cpu(deepspeed_run):
+    losses = json.loads((deepspeed_run / "deepspeed_lightning.json").read_text())
     assert len(losses["single"]) == STEPS + 1 and losses["single"][-1] != pytest.approx(losses["single"][0], rel=1e-3)
     for stage in ("zero2", "zero3"):
         assert losses[stage] == pytest.approx(losses["single"], rel=1e-4, abs=1e-6), stage
+
+
+# -- empty (meta-device) init under FSDP2 and ZeRO-3, checked in the processes above (checks: test_meta_init.py) ----
+@pytest.mark.slow
+def test_fsdp2_two_ranks_empty_init_shards_draws_and_loads(two_rank_run):
+    for rank in range(2):
+        result = json.loads((two_rank_run / f"empty_init_fsdp2_rank{rank}.json").read_text())
+        assert result == {"shards_differ": True, "buffers_equal": True, "checkpoint_loaded": True,
+                          "forward_equal": True, "hsdp_mesh": [[2, 1], ["replicate", "shard"]],
+                          "hsdp_placements": True}, result
+
+
+@pytest.mark.slow
+def test_zero3_empty_init_partitions_initialises_and_loads_per_module(deepspeed_run):
+    result = json.loads((deepspeed_run / "zero3.json").read_text())
+    for tag in ("init", "ckpt"):
+        assert result[f"{tag}_partitioned"] and result[f"{tag}_no_meta"] and result[f"{tag}_buffers"], result
+        assert result[f"{tag}_forward_finite"], result
+        assert result[f"{tag}_decay_groups"]["decay"] > 0, result  # ds_shape decides, not the empty partition
+    assert result["ckpt_loaded"] and result["init_res_post_zero"] and result["init_logit_scale"], result
+    assert result["init_linear_std"] == pytest.approx(0.02, abs=0.002), result
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
