@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from swinlab.models import create_model
-from swinlab.tasks import is_no_decay, layer_id, param_groups, warmup_cosine_scheduler
+from swinlab.tasks import is_no_decay, layer_ids, param_groups, warmup_cosine_scheduler
 
 
 def _group_of(groups):
@@ -48,6 +48,27 @@ def test_v1_bias_table_not_decayed():
     assert where["layers.0.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.1
 
 
+def official_swin_layer(name, depths):
+    """microsoft/SimMIM's get_swin_layer (the Swin/SwinV2 fine-tuning recipe), restated for timm's layout, where the
+    patch merging that ends official stage i-1 is ``layers.i.downsample``: it keeps the id of stage i-1's last block."""
+    if name.startswith(("patch_embed", "absolute_pos_embed", "mask_token")):
+        return 0
+    if name.startswith("layers."):
+        stage, kind = int(name.split(".")[1]), name.split(".")[2]
+        if kind == "downsample":
+            return sum(depths[:stage])
+        return sum(depths[:stage]) + int(name.split(".")[3]) + 1
+    return sum(depths) + 1  # the final norm and the head
+
+
+@pytest.mark.parametrize("name", ["swin_pico_patch2_window4_32", "swinv2_pico_patch2_window4_32",
+                                  "swinv2_giant_cpu_patch2_window4_32"])
+def test_layer_ids_are_the_official_recipes(name):
+    model = create_model(name, num_classes=10)
+    depths = model.config.depths
+    assert layer_ids(model) == {n: official_swin_layer(n, depths) for n, _ in model.named_parameters()}
+
+
 def test_layer_decay_scales():
     model = create_model("swinv2_pico_patch2_window4_32", num_classes=10)
     depths = model.config.depths
@@ -57,11 +78,10 @@ def test_layer_decay_scales():
     assert where["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** total)
     assert where["head.fc.weight"]["lr_scale"] == 1.0 and where["norm.weight"]["lr_scale"] == 1.0
     assert where["layers.0.blocks.0.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.5 ** (total - 1))
-    # the patch merging opening stage 1 shares the id of stage 0's last block (official layout)
-    assert layer_id("layers.1.downsample.reduction.weight", depths) == layer_id("layers.0.blocks.1.mlp.fc1.weight",
-                                                                               depths)
-    ids = [layer_id(f"layers.{i}.blocks.{j}.norm1.weight", depths) for i in range(4) for j in range(depths[i])]
-    assert ids == list(range(1, sum(depths) + 1))
+    # every parameter's id is the official recipe's (written out independently below)
+    ids = layer_ids(model)
+    assert ids == {n: official_swin_layer(n, depths) for n, _ in model.named_parameters()}
+    assert ids["layers.1.downsample.reduction.weight"] == ids["layers.0.blocks.1.mlp.fc1.weight"]
     # decay and no-decay stay separate at each depth
     g = [x for x in groups if x["name"] == "no_decay_l1"][0]
     assert g["weight_decay"] == 0.0 and all("layers.0.blocks.0" in n for n in g["param_names"])
@@ -254,7 +274,6 @@ def test_no_warmup_starts_at_the_base_lr_and_a_one_step_run_is_allowed():
     conf = _recipe(_fake_trainer(total=1), warmup_steps=0, scale_lr=False)
     conf["lr_scheduler"]["scheduler"].step_update(num_updates=0)
     assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(5e-4)
-    assert layer_id("absolute_pos_embed", [2, 2]) == 0 and layer_id("head.fc.weight", [2, 2]) == 5
 
 
 def test_param_groups_use_recorded_shapes_and_the_models_keywords():

@@ -44,6 +44,9 @@ from .hub import build_pretrained_cfg
 MASK_VALUE = -100.0  # the value the reference implementations add between shifted regions
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # V2: tau >= 0.01, so the cosine logits are scaled by at most 100
 CPB_HIDDEN = 512
+# timm's group-matcher marker (timm.models._manipulate.MATCH_PREV_GROUP, not exported): a group key ending in it joins
+# the group sorted before it (tests/test_timm_api.py checks it against timm's)
+MATCH_PREV_GROUP = (99999,)
 # PyTorch's CPU flash-attention kernel gives no gradient to attn_mask, so in CPU training with a learned position
 # bias SDPA falls back to its math kernel, which is slower than the explicit softmax path (same arithmetic): use the
 # explicit path there. CUDA kernels (memory-efficient attention) take a mask gradient and keep the fused path.
@@ -760,15 +763,22 @@ class SwinTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """timm's API: regexes grouping the parameters into the stem, one group per stage (``coarse``) or per
-        patch merging and block, and the final norm (``timm.models.group_parameters``; layer-wise LR decay)."""
-        return dict(
-            stem=r"^patch_embed" if self.config.version == "v1" else r"^absolute_pos_embed|patch_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+).downsample", (0,)),
-                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ])
+        """timm's API: regexes grouping the parameters for layer-wise LR decay (``timm.models.group_parameters``).
+
+        ``coarse``: timm's own Swin grouping (the stem, one group per stage). Fine: the official recipe's layer ids
+        (microsoft/SimMIM ``get_swin_layer``, the Swin/SwinV2 fine-tuning recipes): the stem 0, the blocks
+        1..sum(depths) in order, a patch merging with the block before it (the official layout ends a stage with
+        it; ``MATCH_PREV_GROUP`` joins it to that block), the final norm with the head. timm's own Swin puts a patch
+        merging with the block after it and the final norm with the last block; the recipe (``tasks.optim``) and
+        timm's ``train.py --layer-decay`` on a swinlab model both get the official ids from here.
+        """
+        stem = r"^patch_embed" if self.config.version == "v1" else r"^absolute_pos_embed|patch_embed"
+        if coarse:
+            return dict(stem=stem, blocks=r"^layers\.(\d+)")
+        return dict(stem=stem,
+                    blocks=[(r"^layers\.(\d+)\.downsample", (-1,) + MATCH_PREV_GROUP),
+                            (r"^layers\.(\d+)\.blocks\.(\d+)", None)],
+                    head=r"^norm|^head")
 
     @property
     def default_cfg(self) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ Kept free of Lightning so tests and other tools can check the grouping without t
 from __future__ import annotations
 
 import math
-import re
+import types
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -63,20 +63,15 @@ def is_no_decay(name: str, param: torch.Tensor, keywords: Iterable[str] = NO_DEC
     return any(k in parts or name.endswith(k) for k in keywords)
 
 
-def layer_id(name: str, depths: Sequence[int]) -> int:
-    """Layer index for layer-wise LR decay: 0 for the patch embedding, 1..sum(depths) for the blocks in order,
-    sum(depths)+1 for the final norm and head. A patch merging at the start of stage i shares the id of the last
-    block of stage i-1 (the official layout puts it at that stage's end)."""
-    if name.startswith("patch_embed") or name in ("absolute_pos_embed",):
-        return 0
-    m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
-    if m:
-        i, j = int(m.group(1)), int(m.group(2))
-        return sum(depths[:i]) + j + 1
-    m = re.match(r"layers\.(\d+)\.downsample\.", name)
-    if m:
-        return sum(depths[: int(m.group(1))])
-    return sum(depths) + 1
+def layer_ids(model: nn.Module) -> Dict[str, int]:
+    """Layer-wise LR decay ids by parameter name (wrapper components removed), from the model's own
+    ``group_matcher()`` grouped by ``timm.models.group_parameters``: for swinlab's model the official recipe's ids
+    (0 the patch embedding, 1..sum(depths) the blocks, a patch merging with the block before it, the last id the
+    final norm and head; see ``SwinTransformer.group_matcher``)."""
+    from timm.models import group_parameters
+    names = [(clean_param_name(n), p) for n, p in model.named_parameters()]
+    clean = types.SimpleNamespace(named_parameters=lambda: iter(names))
+    return group_parameters(clean, model.group_matcher(coarse=False), reverse=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Optional[float] = None,
@@ -86,7 +81,8 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Opti
 
     Each group holds ``params``, ``weight_decay``, ``name`` (``decay``/``no_decay``, with ``_l<id>`` under layer
     decay), ``param_names`` (wrapper components removed) and, with ``layer_decay``,
-    ``lr_scale = layer_decay ** (num_layers + 1 - id)`` which timm's schedulers apply on top of the scheduled LR.
+    ``lr_scale = layer_decay ** (last id - id)`` (ids: :func:`layer_ids`) which timm's schedulers apply on top of the
+    scheduled LR.
     Frozen parameters are left out. Shapes: ``shapes``, else ``model.true_param_shapes`` (recorded by the tasks'
     ``configure_model`` before sharding), else ZeRO-3's ``ds_shape`` / the tensor's own shape.
     """
@@ -95,8 +91,9 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Opti
     if keywords is None:
         keywords = getattr(model, "no_weight_decay_keywords", lambda: NO_DECAY_KEYWORDS)()
     keywords = tuple(keywords)
-    depths = list(getattr(getattr(model, "config", None), "depths", []))
-    total = sum(depths) + 1
+    layered = layer_decay is not None and layer_decay != 1.0
+    ids = layer_ids(model) if layered else {}
+    total = max(ids.values(), default=0)
     groups: Dict[str, Dict[str, Any]] = {}
     from torch.distributed.tensor import DTensor
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
@@ -107,8 +104,8 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Opti
         no_decay = is_no_decay(name, p, keywords, shapes)
         key = "no_decay" if no_decay else "decay"
         scale = 1.0
-        if layer_decay is not None and layer_decay != 1.0:
-            lid = layer_id(name, depths)
+        if layered:
+            lid = ids[name]
             key = f"{key}_l{lid}"
             scale = float(layer_decay) ** (total - lid)
         if sharded and not isinstance(p, DTensor):
@@ -117,7 +114,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: Opti
             key = f"{key}_replicated"
         group = groups.setdefault(key, {"name": key, "params": [], "param_names": [],
                                         "weight_decay": 0.0 if no_decay else float(weight_decay)})
-        if layer_decay is not None and layer_decay != 1.0:
+        if layered:
             group["lr_scale"] = scale
         group["params"].append(p)
         group["param_names"].append(name)
