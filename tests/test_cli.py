@@ -19,11 +19,11 @@ seed_everything: 0
 threads: 1
 throughput: {{window_size: 2}}
 model:
-  class_path: swinlab.tasks.ImageClassifier
+  class_path: ImageClassifier  # short names: `python -m swinlab` knows swinlab's tasks and data modules
   init_args: {{model_name: {PICO}, num_classes: 10, model_kwargs: {{img_size: 16}}, warmup_steps: 2,
                mixup: 0.8, cutmix: 1.0, base_lr: 0.02}}
 data:
-  class_path: swinlab.data.DigitsDataModule
+  class_path: DigitsDataModule
   init_args: {{img_size: 16, batch_size: 16}}
 trainer:
   accelerator: cpu

@@ -70,13 +70,3 @@ def test_readme_own_images_commands_train_and_predict(tmp_path):
     assert rows[0][:3] == ["input", "class1", "prob1"] and len(rows) == 2
     assert rows[1][0] == str(new / "a.png") and rows[1][1] in {"apple", "leaf", "sky"}
     assert sorted(rows[1][1:6:2]) == ["apple", "leaf", "sky"]  # top-3 of 3 classes, named
-
-
-def test_short_class_names_on_the_command_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "swinlab", "fit", "--model", "ImageClassifier", "--data",
-                          "DigitsDataModule", "--model.init_args.num_classes", "10", "--print_config"],
-                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "class_path: swinlab.tasks.ImageClassifier" in res.stdout
-    assert "class_path: swinlab.data.DigitsDataModule" in res.stdout

@@ -322,7 +322,9 @@ def test_sigkill_of_a_two_process_ddp_run_then_resume_matches_an_uninterrupted_o
     (tmp_path / "pause_cb.py").write_text(PAUSE.replace('open(self.flag, "w")',
                                                         'open(f"{self.flag}.{trainer.global_rank}", "w")'))
     flag = tmp_path / "paused"
-    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    # experiments/strategy/ddp.yaml as users add it: this is that strategy file's resume check (tests/test_launch.py's
+    # matrix fits with it through the command)
+    ddp = ["--trainer.devices", "2", "--config", str(ROOT / "experiments" / "strategy" / "ddp.yaml")]
     ports = iter(free_ports(3))
 
     def start(name, *extra):
