@@ -70,3 +70,16 @@ def test_readme_own_images_commands_train_and_predict(tmp_path):
     assert rows[0][:3] == ["input", "class1", "prob1"] and len(rows) == 2
     assert rows[1][0] == str(new / "a.png") and rows[1][1] in {"apple", "leaf", "sky"}
     assert sorted(rows[1][1:6:2]) == ["apple", "leaf", "sky"]  # top-3 of 3 classes, named
+
+
+def test_short_class_names_on_the_command_line(capsys):
+    """``--model ImageClassifier --data DigitsDataModule`` through ``python -m swinlab``'s entry point, which imports
+    swinlab's tasks and data modules so the short names resolve (in-process here; as a real subprocess: test_cli.py's
+    fit, whose config uses the short names)."""
+    from swinlab.__main__ import main
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--model", "ImageClassifier", "--data", "DigitsDataModule", "--model.init_args.num_classes", "10",
+              "--print_config"])
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: swinlab.tasks.ImageClassifier" in out and "class_path: swinlab.data.DigitsDataModule" in out
