@@ -69,6 +69,11 @@ def test_layer_ids_are_the_official_recipes(name):
     assert layer_ids(model) == {n: official_swin_layer(n, depths) for n, _ in model.named_parameters()}
 
 
+def test_param_groups_default_to_the_official_weight_decay():
+    groups = {g["name"]: g["weight_decay"] for g in param_groups(create_model("swin_pico_patch2_window4_32"))}
+    assert groups == {"decay": 0.05, "no_decay": 0.0}  # the official recipe's 0.05
+
+
 def test_layer_decay_scales():
     model = create_model("swinv2_pico_patch2_window4_32", num_classes=10)
     depths = model.config.depths
