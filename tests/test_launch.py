@@ -87,7 +87,6 @@ def _run_chains(chains, timeout):
 # The issue's first command (`--trainer.strategy ddp`, one epoch of the quickstart on 2 processes) is the DDP case; the
 # others train 3 steps (a mid-epoch save at step 2, validation at step 3) and resume to step 5.
 FIT_LENGTH = {"ddp": ["--trainer.strategy", "ddp", "--trainer.max_epochs", "1"]}
-RESUME_LENGTH: dict = {}
 # Fit, validate and save only (every launch costs two interpreter start-ups, ~6 s of CPU each): DDP's resume through
 # the launcher is test_reliability.py's SIGKILL test (strategy/ddp.yaml, bit-identical to an uninterrupted run);
 # SimMIM's resume is test_simmim.py's
@@ -96,7 +95,7 @@ FIT_ONLY = {"ddp", "simmim_fsdp2"}
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """Every strategy: fit on 2 ranks, then resume with --ckpt_path last; all strategies at once."""
+    """Every strategy: fit on 2 ranks, then (all but FIT_ONLY) resume with --ckpt_path last; all at once."""
     jobs = {**STRATEGIES, "simmim_fsdp2": STRATEGIES["fsdp2"]}
     dirs = {name: tmp_path_factory.mktemp(name) for name in jobs}
     # the resume is the same command plus --ckpt_path last, as users resume (a different val_check_interval would
@@ -105,7 +104,7 @@ def matrix(tmp_path_factory):
                    *([] if name in FIT_LENGTH else ["--trainer.val_check_interval", "3"])] for name in jobs}
     args["simmim_fsdp2"][1] = str(EXP / "simmim_quick.yaml")  # SimMIM pretraining instead of the classifier
     chains = [[(dirs[n], _cmd(*args[n], *FIT_LENGTH.get(n, ["--trainer.max_steps", "3"]), tag="fit")),
-               (dirs[n], _cmd(*args[n], *RESUME_LENGTH.get(n, ["--trainer.max_steps", "5"]), "--ckpt_path", "last",
+               (dirs[n], _cmd(*args[n], "--trainer.max_steps", "5", "--ckpt_path", "last",
                               tag="resume"))][:1 if n in FIT_ONLY else 2] for n in jobs]
     results = dict(zip(jobs, _run_chains(chains, timeout=480)))
     return {n: (dirs[n], results[n][0], results[n][1] if len(results[n]) > 1 else None) for n in jobs}
