@@ -226,3 +226,19 @@ def test_the_quick_exit_does_what_a_normal_exit_does_first(monkeypatch, capsys):
     monkeypatch.setattr(entry, "main", lambda: (_ for _ in ()).throw(SystemExit("a message for the user")))
     with pytest.raises(SystemExit, match="a message for the user"):  # printed by the normal exit
         entry.run()
+
+
+@pytest.mark.parametrize("task, lrs", [
+    ("ImageClassifier", (5e-4, 5e-7, 5e-6, 20.0)),  # Swin's ImageNet recipe
+    ("MaskedImageModeling", (2e-4, 1e-6, 1e-5, 10.0)),  # SimMIM's
+])
+def test_every_task_shows_the_whole_recipe_with_its_papers_defaults(task, lrs):
+    """The recipe settings both papers share are declared once (``SwinTask.__init__``) and reach a task through
+    ``**recipe``: the CLI must still list them under ``model.init_args`` with their defaults (jsonargparse follows
+    ``**recipe`` to the base signature), so a YAML can set them; each task keeps its own paper's LRs and warmup."""
+    from swinlab.training.cli import compose_config
+    cfg = compose_config(["--model", f"swinlab.tasks.{task}", "--data", "swinlab.data.SyntheticDataModule", "--model.init_args.weight_decay", "0.1"])
+    args = cfg.model.init_args
+    assert (args.base_lr, args.warmup_lr, args.min_lr, args.warmup_epochs) == lrs
+    assert (args.scale_lr, args.warmup_steps, args.weight_decay, tuple(args.betas), args.eps) == (
+        True, None, 0.1, (0.9, 0.999), 1e-8)

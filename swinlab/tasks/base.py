@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import lightning.pytorch as pl
 import torch
 
 from ..errors import ConfigError
@@ -106,13 +107,28 @@ def check_recipe(hparams: Any) -> None:
             check_range(f"betas[{i}]", beta, 0.0, 1.0, high_open=True, hint="e.g. [0.9, 0.999]")
 
 
-class SwinTask:
-    """Mixin for LightningModules that hold a registry Swin as ``self.model`` (named ``self.model_name``) and have
-    ``sharding`` / ``compile`` / ``empty_init`` hyperparameters and the recipe ones (:data:`RECIPE_HPARAMS`).
+class SwinTask(pl.LightningModule):
+    """Base class of the LightningModules that hold a registry Swin as ``self.model`` (named ``self.model_name``) and
+    have ``sharding`` / ``compile`` / ``empty_init`` hyperparameters and the recipe ones (:data:`RECIPE_HPARAMS`).
 
-    A task calls :meth:`check_hparams` after ``save_hyperparameters()`` and supplies :meth:`optimizer_param_groups`
-    (what it trains, and with which weight decay); it may add :meth:`check_data`. The rest is here: ``setup``,
-    ``configure_model``, ``configure_optimizers``, ``lr_scheduler_step``, clipping and checkpoint metadata."""
+    A task declares its own arguments, among them the recipe's learning rates and warmup (``base_lr``, ``warmup_lr``,
+    ``min_lr``, ``warmup_epochs``: their defaults are its paper's), and passes the rest on with
+    ``super().__init__(**recipe)``: the recipe settings both papers share are declared once, here, and LightningCLI
+    and ``--print_config`` show them under the task (jsonargparse follows ``**recipe`` to this signature). This
+    constructor saves all of the task's arguments as hyperparameters and checks them (:meth:`check_hparams`).
+
+    A task supplies :meth:`optimizer_param_groups` (what it trains, and with which weight decay) and may add
+    :meth:`check_data`. The rest is here: ``setup``, ``configure_model``, ``configure_optimizers``,
+    ``lr_scheduler_step``, clipping and checkpoint metadata."""
+
+    def __init__(self, *, scale_lr: bool = True, warmup_steps: Optional[int] = None, weight_decay: float = 0.05,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """``scale_lr``: LRs are per 512 images, scaled by the global batch (batch x accumulation x devices);
+        ``warmup_steps`` overrides the task's ``warmup_epochs``; ``weight_decay`` on weights only (biases, norms,
+        relative_position_bias_table, cpb_mlp, logit_scale get none); ``betas``, ``eps``: AdamW's."""
+        super().__init__()
+        self.save_hyperparameters()  # this frame's arguments and the calling task's (Lightning collects both)
+        self.check_hparams()
 
     _configured = False
     backbone_attr = "model"  # the attribute that holds the Swin model (SimMIM: "encoder")

@@ -1,9 +1,8 @@
 """ImageClassifier: any registry Swin model trained with the official recipe through Lightning."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -14,7 +13,7 @@ from .base import SwinTask, build_model, check_range
 from .optim import param_groups
 
 
-class ImageClassifier(SwinTask, pl.LightningModule):
+class ImageClassifier(SwinTask):
     """Swin classifier with the official ImageNet recipe as defaults.
 
     Args:
@@ -52,12 +51,7 @@ class ImageClassifier(SwinTask, pl.LightningModule):
             base_lr: float = 5e-4,
             warmup_lr: float = 5e-7,
             min_lr: float = 5e-6,
-            scale_lr: bool = True,
             warmup_epochs: float = 20.0,
-            warmup_steps: Optional[int] = None,
-            weight_decay: float = 0.05,
-            betas: Tuple[float, float] = (0.9, 0.999),
-            eps: float = 1e-8,
             layer_decay: Optional[float] = None,
             label_smoothing: float = 0.1,
             mixup: float = 0.8,
@@ -69,10 +63,9 @@ class ImageClassifier(SwinTask, pl.LightningModule):
             ema_warmup: bool = False,
             sharding: Optional[Dict[str, Any]] = None,
             empty_init: bool = False,
+            **recipe: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.check_hparams()
+        super().__init__(**recipe)
         if num_classes is None:
             raise ConfigError("num_classes is null: through `python -m swinlab` that takes the class count from the "
                               "data (an image folder); in Python give the number")

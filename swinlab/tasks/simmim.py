@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -47,7 +46,7 @@ class MaskGenerator:
         return mask.to(device) if device is not None else mask
 
 
-class MaskedImageModeling(SwinTask, pl.LightningModule):
+class MaskedImageModeling(SwinTask):
     """SimMIM pretraining of a registry Swin model.
 
     Args:
@@ -73,20 +72,14 @@ class MaskedImageModeling(SwinTask, pl.LightningModule):
             base_lr: float = 2e-4,
             warmup_lr: float = 1e-6,
             min_lr: float = 1e-5,
-            scale_lr: bool = True,
             warmup_epochs: float = 10.0,
-            warmup_steps: Optional[int] = None,
-            weight_decay: float = 0.05,
-            betas: Tuple[float, float] = (0.9, 0.999),
-            eps: float = 1e-8,
             log_images: int = 8,
             compile: bool = False,
             sharding: Optional[Dict[str, Any]] = None,
             empty_init: bool = False,
+            **recipe: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        self.check_hparams()
+        super().__init__(**recipe)
         check_range("mask_patch_size", mask_patch_size, 1, hint="a multiple of the model's patch size, e.g. 32")
         check_range("log_images", log_images, 0, hint="0 for none")
         kwargs = dict(model_kwargs or {})
