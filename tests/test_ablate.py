@@ -1,5 +1,6 @@
 """`python -m swinlab ablate`: a tiny study end to end, transfer from the trained weights, early errors."""
 import csv
+import json
 import math
 import os
 import subprocess
@@ -25,6 +26,7 @@ TINY = {
     "eval": [{"img_size": 32, "window_size": 8}, {"img_size": 32, "window_size": 16}],
     "finetune": {"trainer": {"max_steps": 2}, "model": {"base_lr": 1e-3, "warmup_steps": 0}},
     "variants": {"table": {"position_bias": "table"}, "log_cpb": {"position_bias": "cpb_log"}},
+    "baseline": "table",
 }
 
 
@@ -56,8 +58,12 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path):
     for r in rows:
         assert math.isfinite(float(r["top1"])) and 0 <= float(r["top1"]) <= float(r["top5"]) <= 100
     md = (out / "results.md").read_text()
-    assert "| tiny | W4, I32 (train) | W8, I32 (direct / ft) | W16, I32 (direct / ft) |" in md
-    assert md.count("| table |") == 1 and md.count("| log_cpb |") == 1
+    assert "| tiny | W4, I32 (train) | W8, I32 direct | W8, I32 ft | W16, I32 direct | W16, I32 ft |" in md
+    assert md.count("| table |") == 1 and md.count("| log_cpb |") == 2  # its accuracy, and its difference
+    assert "Paired difference against **log_cpb**" not in md and "Paired difference against **table**" in md
+    assert "Made by `python -m swinlab ablate --config " in md and "at commit " in md
+    assert set(json.loads((out / "provenance.json").read_text())) >= {"commit", "versions", "command", "minutes"}
+    assert len(list(csv.DictReader((out / "results_images.csv").open()))) == len(rows)
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert sorted(p.name for p in (out / "tb").iterdir()) == ["log_cpb", "table"]  # one TensorBoard run per variant
@@ -153,3 +159,97 @@ def test_the_data_module_gets_the_run_seed_unless_the_study_fixes_one(tmp_path):
     fixed = load_study(str(write_study(tmp_path, {**TINY, "data": {**TINY["data"], "init_args": {
         **TINY["data"]["init_args"], "seed": 3}}})))
     assert make_data(fixed, 32, 7).seed == 3
+
+
+# -- how sure a study is: the intervals and verdicts the runner writes ------------------------------------------------
+
+def test_bootstrap_of_identical_scores_has_no_spread():
+    from swinlab.tools.study_stats import bootstrap
+    iv = bootstrap(torch.ones(3, 50))
+    assert (iv.mean, iv.se, iv.low, iv.high) == (100.0, 0.0, 100.0, 100.0)
+    iv = bootstrap(-torch.ones(2, 40))
+    assert iv.mean == -100.0 and iv.z == -float("inf")
+
+
+def test_bootstrap_over_images_matches_the_binomial_standard_error():
+    """One seed: resampling images gives the binomial SE sqrt(p(1-p)/n) (written out here, not swinlab's)."""
+    from swinlab.tools.study_stats import bootstrap
+    n, right = 400, 320
+    scores = torch.zeros(1, n)
+    scores[0, :right] = 1
+    iv = bootstrap(scores)
+    p = right / n
+    assert iv.mean == pytest.approx(80.0)
+    assert iv.se == pytest.approx(100 * math.sqrt(p * (1 - p) / n), rel=0.08)
+    assert iv.low == pytest.approx(80 - 1.96 * iv.se, abs=0.6) and iv.high == pytest.approx(80 + 1.96 * iv.se, abs=0.6)
+
+
+def test_bootstrap_resamples_seeds_as_well_as_images():
+    """Two seeds far apart (90% and 50%): the interval must carry the between-seed spread, about sqrt(var_seeds / 2)
+    = 14 points, not only the images' (about 1.3 points)."""
+    from swinlab.tools.study_stats import bootstrap
+    scores = torch.zeros(2, 500)
+    scores[0, :450] = 1
+    scores[1, :250] = 1
+    iv = bootstrap(scores)
+    between = math.sqrt(((0.9 - 0.7) ** 2 + (0.5 - 0.7) ** 2) / 2 / 2) * 100
+    within = math.sqrt((0.9 * 0.1 + 0.5 * 0.5) / 2 / 2 / 500) * 100
+    assert iv.mean == pytest.approx(70.0)
+    assert iv.se == pytest.approx(math.sqrt(between ** 2 + within ** 2), rel=0.1)
+
+
+@pytest.mark.parametrize("low, high, expect, verdict", [
+    (0.5, 2.0, "better", "reproduced"), (-2.0, -0.5, "better", "contradicted"), (-0.5, 2.0, "better",
+                                                                                  "not resolved at this power"),
+    (-2.0, -0.5, "worse", "reproduced"), (0.5, 2.0, "worse", "contradicted"), (0.0, 2.0, "better",
+                                                                              "not resolved at this power"),
+])
+def test_a_verdict_needs_the_whole_interval_on_one_side(low, high, expect, verdict):
+    from swinlab.tools.study_stats import Interval
+    from swinlab.tools.study_stats import verdict as judge
+    assert judge(Interval(mean=(low + high) / 2, se=0.5, low=low, high=high), expect) == verdict
+
+
+def _rows(variant, seed, bits_by_cell):
+    return [dict(study="s", variant=variant, seed=seed, train_img_size=32, train_window=4, eval_img_size=img,
+                 eval_window=win, finetuned=ft, top1=100 * bits.count("1") / len(bits), top5=100.0, correct=bits)
+            for (img, win, ft), bits in bits_by_cell.items()]
+
+
+def test_results_md_has_intervals_paired_differences_and_the_runners_verdicts(tmp_path):
+    """The baseline is right on 50 of 100 images at W8 and the variant on those 50 and 30 more (paired: +30 points);
+    at the train window both are right on the same 90 images (+0). The claims' verdicts follow."""
+    from swinlab.tools.ablate import read_rows, summarise, write_outputs
+    w8_only = [{"img_size": 32, "window_size": 8}]
+    study = load_study(str(write_study(tmp_path, {**TINY, "baseline": "table", "finetune": None, "eval": w8_only,
+                                                  "claims": [
+        {"claim": "log-CPB transfers better", "variant": "log_cpb", "baseline": "table", "img_size": 32,
+         "window_size": 8},
+        {"claim": "log-CPB is worse at the train window", "variant": "log_cpb", "expect": "worse"}]})))
+    train, w8 = (32, 4, False), (32, 8, False)
+    rows = []
+    for seed in (0, 1):
+        rows += _rows("table", seed, {train: "1" * 90 + "0" * 10, w8: "1" * 50 + "0" * 50})
+        rows += _rows("log_cpb", seed, {train: "1" * 90 + "0" * 10, w8: "1" * 80 + "0" * 20})
+    md = summarise(study, rows)
+    assert "| table | 90.0 [" in md and "| log_cpb | 90.0 [" in md
+    assert "| log_cpb | +0.0 [+0.0, +0.0] (+0.0 SE) | +30.0 [" in md
+    assert "| log-CPB transfers better | log_cpb > table at W8, I32 | +30.0 [" in md and "**reproduced**" in md
+    assert "| log-CPB is worse at the train window | log_cpb < table at W4, I32 | +0.0 [+0.0, +0.0]" in md
+    assert "**not resolved at this power**" in md
+    out = tmp_path / "out"
+    out.mkdir()
+    write_outputs(study, rows, out, provenance={"commit": "abc", "versions": {"torch": "x"}, "python": "3",
+                                                "command": "python -m swinlab ablate --config s.yaml", "date": "d",
+                                                "cpus": 2, "jobs": 2, "threads": 1, "minutes": 1.5})
+    assert read_rows(out) == rows  # the per-image strings survive the CSV round trip
+    assert summarise(study, read_rows(out)) == summarise(study, rows)
+    assert "Made by `python -m swinlab ablate --config s.yaml` at commit abc" in (out / "results.md").read_text()
+
+
+def test_a_claim_about_a_cell_the_study_does_not_evaluate_is_refused(tmp_path):
+    bad = {**TINY, "claims": [{"claim": "x", "variant": "log_cpb", "img_size": 32, "window_size": 12}]}
+    with pytest.raises(ConfigError, match="img_size 32 / window 12, which the study does not evaluate"):
+        load_study(str(write_study(tmp_path, bad)))
+    with pytest.raises(ConfigError, match="names variant 'cosine', which is not one of the variants"):
+        load_study(str(write_study(tmp_path, {**TINY, "claims": [{"claim": "x", "variant": "cosine"}]})))

@@ -237,7 +237,8 @@ def test_every_task_shows_the_whole_recipe_with_its_papers_defaults(task, lrs):
     ``**recipe``: the CLI must still list them under ``model.init_args`` with their defaults (jsonargparse follows
     ``**recipe`` to the base signature), so a YAML can set them; each task keeps its own paper's LRs and warmup."""
     from swinlab.training.cli import compose_config
-    cfg = compose_config(["--model", f"swinlab.tasks.{task}", "--data", "swinlab.data.SyntheticDataModule", "--model.init_args.weight_decay", "0.1"])
+    cfg = compose_config(["--model", f"swinlab.tasks.{task}", "--data", "swinlab.data.SyntheticDataModule",
+                          "--model.init_args.weight_decay", "0.1"])
     args = cfg.model.init_args
     assert (args.base_lr, args.warmup_lr, args.min_lr, args.warmup_epochs) == lrs
     assert (args.scale_lr, args.warmup_steps, args.weight_decay, tuple(args.betas), args.eps) == (

@@ -51,6 +51,7 @@ from ..training.cli import build_parser, parse_config, parser_message
 
 CSV_FIELDS = ["study", "variant", "seed", "train_img_size", "train_window", "eval_img_size", "eval_window",
               "finetuned", "top1", "top5"]
+IMAGE_FIELDS = ["variant", "seed", "eval_img_size", "eval_window", "finetuned", "correct"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,6 +86,20 @@ class FinetuneSpec:
 
 
 @dataclass
+class Claim:
+    """A paper's claim about one cell: ``variant`` is ``expect`` (better or worse) than ``baseline`` at the given
+    evaluation size (``img_size``/``window_size``; the train size when omitted), directly or after the fine-tune.
+    The runner gives it a verdict from the paired interval (``swinlab.tools.study_stats.verdict``)."""
+    claim: str
+    variant: str
+    baseline: Optional[str] = None
+    img_size: Optional[Sizes] = None
+    window_size: Optional[Sizes] = None
+    finetuned: bool = False
+    expect: str = "better"
+
+
+@dataclass
 class Study:
     """A study yaml's sections (see the module docstring). ``model``: ImageClassifier's arguments (``model_name``,
     ``num_classes``, ``model_kwargs``, recipe); ``data``: ``{class_path, init_args}`` of a LightningDataModule;
@@ -100,6 +115,8 @@ class Study:
     threads: Optional[int] = None
     finetune: Optional[FinetuneSpec] = None
     paper: Optional[Dict[str, List[Union[str, float]]]] = None
+    baseline: Optional[str] = None
+    claims: List[Claim] = field(default_factory=list)
 
 
 def load_study(path: str) -> Dict[str, Any]:
@@ -124,9 +141,37 @@ def load_study(path: str) -> Dict[str, Any]:
         study["study"] = p.stem
     if not study["variants"]:
         raise ConfigError(f"study config {path} lists no variants: add at least one under 'variants:'")
+    study["baseline"] = study.get("baseline") or next(iter(study["variants"]))
     check_study(study)
+    check_claims(study, path)
     check_settings(study)
     return study
+
+
+def check_claims(study: Dict[str, Any], path: str) -> None:
+    """The baseline and every claim's variants and cell must be in the study."""
+    variants = list(study["variants"])
+    cells = [(to_2tuple(study["train"]["img_size"]), to_2tuple(study["train"]["window_size"]))] + [
+        (to_2tuple(e["img_size"]), to_2tuple(e["window_size"])) for e in study["eval"]]
+    if study["baseline"] not in variants:
+        raise ConfigError(f"study config {path}: baseline {study['baseline']!r} is not one of the variants "
+                          f"{variants}: name one of them")
+    for claim in study.get("claims") or []:
+        for key in ("variant", "baseline"):
+            if (claim.get(key) or study["baseline"]) not in variants:
+                raise ConfigError(f"study config {path}: claim {claim['claim']!r} names {key} {claim.get(key)!r}, "
+                                  f"which is not one of the variants {variants}")
+        if claim.get("expect") not in ("better", "worse"):
+            raise ConfigError(f"study config {path}: claim {claim['claim']!r} has expect={claim.get('expect')!r}: use "
+                              f"better or worse")
+        cell = (to_2tuple(claim.get("img_size") or study["train"]["img_size"]),
+                to_2tuple(claim.get("window_size") or study["train"]["window_size"]))
+        if cell not in cells:
+            raise ConfigError(f"study config {path}: claim {claim['claim']!r} is about img_size {cell[0][0]} / window "
+                              f"{cell[1][0]}, which the study does not evaluate: use one of its eval sizes")
+        if claim.get("finetuned") and not study.get("finetune"):
+            raise ConfigError(f"study config {path}: claim {claim['claim']!r} is about the fine-tuned model but the "
+                              f"study has no 'finetune:' section")
 
 
 def _variant_model(study: Dict[str, Any], variant: str) -> Tuple[str, Dict[str, Any], Optional[str]]:
@@ -231,19 +276,23 @@ def make_data(study: Dict[str, Any], img_size, seed: int, variant: Optional[str]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, datamodule) -> Tuple[float, float]:
-    """Top-1 / top-5 (%) over the validation split."""
+def evaluate(model: torch.nn.Module, datamodule) -> Tuple[float, float, str]:
+    """Top-1 / top-5 (%) over the validation split, and which images were right at top-1 (a '0'/'1' string in the
+    split's order: what the paired intervals resample)."""
     model.eval()
-    correct1 = correct5 = total = 0
+    correct5 = total = 0
+    right: List[torch.Tensor] = []
     for batch in datamodule.val_dataloader():
         x, y = batch[0], batch[1]
         logits = model(x)
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
-        correct1 += (top[:, 0] == y).sum().item()
+        right.append(top[:, 0] == y)
         correct5 += (top == y[:, None]).any(dim=-1).sum().item()
         total += y.numel()
-    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+    hits = torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+    bits = "".join("1" if h else "0" for h in hits.tolist())
+    return 100.0 * int(hits.sum()) / max(total, 1), 100.0 * correct5 / max(total, 1), bits
 
 
 def _trainer(trainer_args: Dict[str, Any], logger) -> Any:
@@ -277,58 +326,111 @@ def transfer(weights: str, name: str, img_size, window_size) -> torch.nn.Module:
 # Runner
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_study(study: Dict[str, Any], out: Path, log=print) -> List[Dict[str, Any]]:
+def study_sizes(study: Dict[str, Any]) -> List[Tuple[Tuple[int, int], Tuple[int, int], bool]]:
+    """Every (img_size, window, fine-tuned) a unit evaluates, in order: the train size, then each eval size directly
+    and (with a fine-tune section) after the fine-tune."""
+    train = study["train"]
+    finetune = study.get("finetune")
+    return [(to_2tuple(train["img_size"]), to_2tuple(train["window_size"]), False)] + [
+        (to_2tuple(e["img_size"]), to_2tuple(e["window_size"]), ft)
+        for e in study["eval"] for ft in ((False, True) if finetune else (False,))]
+
+
+def run_unit(study: Dict[str, Any], variant: str, seed: int, out: Path, log=print,
+             started: Optional[float] = None) -> List[Dict[str, Any]]:
+    """One variant with one seed: train at the train size (or take the given checkpoint), save the weights, then
+    evaluate at every size of :func:`study_sizes`. Deterministic: everything random is seeded from ``seed``."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter() if started is None else started
     rows: List[Dict[str, Any]] = []
     train = study["train"]
     t_img, t_win = to_2tuple(train["img_size"]), to_2tuple(train["window_size"])
     finetune = study.get("finetune")
+    name, kwargs, given_ckpt = _variant_model(study, variant)
+    pl.seed_everything(int(seed), workers=True, verbose=False)
+    logger = TensorBoardLogger(save_dir=str(out / "tb"), name=variant, version=f"seed{seed}", default_hp_metric=False)
+    weights = out / "weights" / f"{variant}_seed{seed}.safetensors"
+    train_kwargs = {**kwargs, "img_size": list(t_img), "window_size": list(t_win)}
+    if given_ckpt:
+        model = create_model(name, checkpoint=given_ckpt, **train_kwargs)
+        save_safetensors(model, weights, name)
+    else:
+        dm = make_data(study, t_img, int(seed), variant)
+        task = _task(study, name, train_kwargs, None)
+        _trainer(train.get("trainer", {}), logger).fit(task, datamodule=dm)
+        save_safetensors(task.model, weights, name)
+    for img, win, ft in study_sizes(study):
+        dm = make_data(study, img, int(seed), variant)
+        if not ft:
+            model = transfer(str(weights), name, list(img), list(win))
+        else:
+            pl.seed_everything(int(seed), workers=True, verbose=False)
+            ft_kwargs = {**kwargs, "img_size": list(img), "window_size": list(win)}
+            task = _task(study, name, ft_kwargs, str(weights), finetune.get("model"))
+            ft_logger = TensorBoardLogger(save_dir=str(out / "tb"), name=variant,
+                                          version=f"seed{seed}_ft{img[0]}w{win[0]}", default_hp_metric=False)
+            _trainer(finetune.get("trainer", {}), ft_logger).fit(task, datamodule=dm)
+            model = task.model
+        top1, top5, bits = evaluate(model, dm)
+        rows.append(dict(study=study["study"], variant=variant, seed=seed, train_img_size=t_img[0],
+                         train_window=t_win[0], eval_img_size=img[0], eval_window=win[0], finetuned=ft,
+                         top1=round(top1, 3), top5=round(top5, 3), correct=bits))
+        logger.experiment.add_scalar(f"ablate/top1_{'ft' if ft else 'direct'}_w{win[0]}", top1)
+        log(f"[{time.perf_counter() - started:6.0f}s] {variant} seed {seed} {img[0]}/W{win[0]} "
+            f"{'fine-tuned' if ft else 'direct    '} top1 {top1:.2f} top5 {top5:.2f}")
+    logger.experiment.flush()
+    return rows
+
+
+def _unit_in_worker(study: Dict[str, Any], variant: str, seed: int, out: str, threads: Optional[int],
+                    started: float) -> List[Dict[str, Any]]:
+    """:func:`run_unit` in a worker process of ``--jobs`` (spawned: a fresh interpreter, its own torch threads)."""
+    import warnings
+    warnings.filterwarnings("ignore")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return run_unit(study, variant, seed, Path(out), log=lambda line: print(line, flush=True), started=started)
+
+
+def _unit_key(study: Dict[str, Any]):
+    variants, seeds = list(study["variants"]), list(study["seeds"])
+    sizes = [(img[0], win[0], ft) for img, win, ft in study_sizes(study)]
+    return lambda r: (variants.index(r["variant"]), seeds.index(r["seed"]),
+                      sizes.index((r["eval_img_size"], r["eval_window"], r["finetuned"])))
+
+
+def run_study(study: Dict[str, Any], out: Path, log=print, jobs: int = 1, threads: Optional[int] = None,
+              provenance: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """Every (variant, seed) unit, one after another or ``jobs`` at a time in worker processes; the results files
+    are rewritten after each unit (partial results survive an interrupted study) and the rows are in study order
+    whatever order the units finish in."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
     started = time.perf_counter()
-    for variant in study["variants"]:
-        name, kwargs, given_ckpt = _variant_model(study, variant)
-        for seed in study["seeds"]:
-            pl.seed_everything(int(seed), workers=True)
-            logger = TensorBoardLogger(save_dir=str(out / "tb"), name=variant, version=f"seed{seed}",
-                                       default_hp_metric=False)
-            weights = out / "weights" / f"{variant}_seed{seed}.safetensors"
-            train_kwargs = {**kwargs, "img_size": list(t_img), "window_size": list(t_win)}
-            if given_ckpt:
-                model = create_model(name, checkpoint=given_ckpt, **train_kwargs)
-                save_safetensors(model, weights, name)
-            else:
-                dm = make_data(study, t_img, int(seed), variant)
-                task = _task(study, name, train_kwargs, None)
-                _trainer(train.get("trainer", {}), logger).fit(task, datamodule=dm)
-                save_safetensors(task.model, weights, name)
-            sizes = [(t_img, t_win, False)] + [(to_2tuple(e["img_size"]), to_2tuple(e["window_size"]), ft)
-                                                for e in study["eval"] for ft in ((False, True) if finetune else
-                                                                                  (False,))]
-            for img, win, ft in sizes:
-                dm = make_data(study, img, int(seed), variant)
-                if not ft:
-                    model = transfer(str(weights), name, list(img), list(win))
-                else:
-                    pl.seed_everything(int(seed), workers=True)
-                    ft_kwargs = {**kwargs, "img_size": list(img), "window_size": list(win)}
-                    task = _task(study, name, ft_kwargs, str(weights), finetune.get("model"))
-                    ft_logger = TensorBoardLogger(save_dir=str(out / "tb"), name=variant,
-                                                  version=f"seed{seed}_ft{img[0]}w{win[0]}", default_hp_metric=False)
-                    _trainer(finetune.get("trainer", {}), ft_logger).fit(task, datamodule=dm)
-                    model = task.model
-                top1, top5 = evaluate(model, dm)
-                row = dict(study=study["study"], variant=variant, seed=seed, train_img_size=t_img[0],
-                           train_window=t_win[0], eval_img_size=img[0], eval_window=win[0], finetuned=ft,
-                           top1=round(top1, 3), top5=round(top5, 3))
-                rows.append(row)
-                logger.experiment.add_scalar(f"ablate/top1_{'ft' if ft else 'direct'}_w{win[0]}", top1)
-                log(f"[{time.perf_counter() - started:6.0f}s] {variant} seed {seed} {img[0]}/W{win[0]} "
-                    f"{'fine-tuned' if ft else 'direct    '} top1 {top1:.2f} top5 {top5:.2f}")
-            logger.experiment.flush()
-            write_outputs(study, rows, out)  # partial results survive an interrupted study
-    write_outputs(study, rows, out, plot=True)
+    units = [(variant, seed) for variant in study["variants"] for seed in study["seeds"]]
+    key = _unit_key(study)
+
+    def done(unit_rows: List[Dict[str, Any]]) -> None:
+        rows.extend(unit_rows)
+        rows.sort(key=key)
+        write_outputs(study, rows, out, provenance=provenance)
+
+    if jobs <= 1:
+        for variant, seed in units:
+            done(run_unit(study, variant, seed, out, log=log, started=started))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_unit_in_worker, study, variant, seed, str(out), threads, started)
+                       for variant, seed in units]
+            for future in as_completed(futures):
+                done(future.result())
+    if provenance is not None:
+        provenance["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    write_outputs(study, rows, out, plot=True, provenance=provenance)
     return rows
 
 
@@ -336,42 +438,136 @@ def run_study(study: Dict[str, Any], out: Path, log=print) -> List[Dict[str, Any
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------
 
-def _stats(values: List[float]) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+def _cells(study: Dict[str, Any]) -> List[Tuple[int, int, bool]]:
+    """The table's cells in column order: (img, window, fine-tuned) as the rows store them."""
+    return [(img[0], win[0], ft) for img, win, ft in study_sizes(study)]
 
 
-def summarise(study: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
-    train = study["train"]
-    t_img, t_win = to_2tuple(train["img_size"]), to_2tuple(train["window_size"])
-    evals = [(to_2tuple(e["img_size"])[0], to_2tuple(e["window_size"])[0]) for e in study["eval"]]
-    has_ft = bool(study.get("finetune"))
-    head = [f"W{t_win[0]}, I{t_img[0]} (train)"] + [f"W{w}, I{i}" + (" (direct / ft)" if has_ft else "")
-                                                       for i, w in evals]
-    lines = [f"| {study['study']} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+def _header(study: Dict[str, Any], cell: Tuple[int, int, bool], train: bool = False) -> str:
+    img, win, ft = cell
+    return f"W{win}, I{img}" + (" (train)" if train else (" ft" if ft else " direct" if study.get("finetune") else ""))
+
+
+def cell_matrix(rows: List[Dict[str, Any]], variant: str, cell: Tuple[int, int, bool],
+                seeds: Optional[List[int]] = None) -> Optional[torch.Tensor]:
+    """(seeds, images) right/wrong of one variant in one cell, seeds in ``seeds`` order (None if any is missing)."""
+    from .study_stats import correct_matrix
+    by_seed = {r["seed"]: r["correct"] for r in rows if r["variant"] == variant
+               and (r["eval_img_size"], r["eval_window"], r["finetuned"]) == cell}
+    seeds = sorted(by_seed) if seeds is None else seeds
+    if not seeds or any(s not in by_seed for s in seeds):
+        return None
+    return correct_matrix([by_seed[s] for s in seeds])
+
+
+def claim_cell(study: Dict[str, Any], claim: Dict[str, Any]) -> Tuple[int, int, bool]:
+    img = to_2tuple(claim.get("img_size") or study["train"]["img_size"])[0]
+    win = to_2tuple(claim.get("window_size") or study["train"]["window_size"])[0]
+    return img, win, bool(claim.get("finetuned"))
+
+
+def _shared_seeds(rows: List[Dict[str, Any]], *variants: str) -> List[int]:
+    seen = [{r["seed"] for r in rows if r["variant"] == v} for v in variants]
+    return sorted(set.intersection(*seen)) if seen else []
+
+
+def summarise(study: Dict[str, Any], rows: List[Dict[str, Any]],
+              provenance: Optional[Dict[str, Any]] = None) -> str:
+    """results.md: the accuracy table (mean and 95% interval over seeds and images), the paired differences against
+    the baseline, the paper claims' verdicts, and where the numbers come from."""
+    from .study_stats import LEVEL, bootstrap, verdict
+    cells = _cells(study)
+    base = study.get("baseline") or next(iter(study["variants"]))
     seeds = sorted({r["seed"] for r in rows})
+    pct = f"{LEVEL:.0%}"
+    lines = [f"## {study['study']}", ""]
+    if provenance:
+        lines += [provenance_line(provenance), ""]
+    head = [_header(study, c, train=(k == 0)) for k, c in enumerate(cells)]
+    lines += [f"Top-1 (%) on the validation split: mean over seeds {seeds} [{pct} interval, bootstrap over seeds and "
+              f"images]. direct = trained weights moved to the new size without training, ft = after the short "
+              f"fine-tune.", "",
+              f"| {study['study']} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     paper = study.get("paper") or {}
     for variant in study["variants"]:
-        vr = [r for r in rows if r["variant"] == variant]
-
-        def cell(img, win, ft, vr=vr):
-            return _stats([r["top1"] for r in vr if r["eval_img_size"] == img and r["eval_window"] == win
-                           and r["finetuned"] == ft])
-
-        cells = [cell(t_img[0], t_win[0], False)]
-        for img, win in evals:
-            cells.append(f"{cell(img, win, False)} / {cell(img, win, True)}" if has_ft else cell(img, win, False))
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        cols = []
+        for cell in cells:
+            m = cell_matrix(rows, variant, cell)
+            cols.append("–" if m is None else bootstrap(m).format())
+        lines.append(f"| {variant} | " + " | ".join(cols) + " |")
         if variant in paper:
             lines.append(f"| {variant} (paper) | " + " | ".join(str(c) for c in paper[variant]) + " |")
-    lines.append("")
-    lines.append(f"top-1 (%) on the validation split, mean ± std over {len(seeds)} seed(s) {seeds}; "
-                 f"direct = trained weights moved to the new size without training, ft = after the short fine-tune.")
+    others = [v for v in study["variants"] if v != base]
+    if others:
+        lines += ["", f"Paired difference against **{base}** (points; the same seeds and the same images; {pct} "
+                      f"interval; the mean in standard errors):", "",
+                  "| variant − " + base + " | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for variant in others:
+            shared = _shared_seeds(rows, variant, base)
+            cols = []
+            for cell in cells:
+                a, b = cell_matrix(rows, variant, cell, shared), cell_matrix(rows, base, cell, shared)
+                if a is None or b is None:
+                    cols.append("–")
+                    continue
+                d = bootstrap(a - b)
+                cols.append(f"{d.format(signed=True)} ({d.z:+.1f} SE)")
+            lines.append(f"| {variant} | " + " | ".join(cols) + " |")
+    claims = study.get("claims") or []
+    if claims:
+        lines += ["", "Paper claims, judged by the runner: reproduced when the whole interval of the difference lies "
+                      "on the claimed side of 0, contradicted when it lies wholly on the other side, else not resolved "
+                      "at this power.", "", "| claim | comparison | difference | verdict |", "|---|---|---|---|"]
+        for claim in claims:
+            variant, against = claim["variant"], claim.get("baseline") or base
+            cell = claim_cell(study, claim)
+            shared = _shared_seeds(rows, variant, against)
+            a, b = cell_matrix(rows, variant, cell, shared), cell_matrix(rows, against, cell, shared)
+            what = f"{variant} {'>' if claim['expect'] == 'better' else '<'} {against} at {_header(study, cell)}"
+            if a is None or b is None:
+                lines.append(f"| {claim['claim']} | {what} | – | not run |")
+                continue
+            d = bootstrap(a - b)
+            lines.append(f"| {claim['claim']} | {what} | {d.format(signed=True)} ({d.z:+.1f} SE) | "
+                         f"**{verdict(d, claim['expect'])}** |")
     return "\n".join(lines)
+
+
+def provenance(argv: List[str], jobs: int, threads: Optional[int]) -> Dict[str, Any]:
+    """Where a study's numbers come from: the git commit of the checkout (and whether it had changes), the package
+    versions, the exact command, the machine's cores and the process/thread counts."""
+    import datetime
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for package in ("swinlab", "torch", "lightning", "timm"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    commit = git("rev-parse", "--short=10", "HEAD") or "unknown (not a git checkout)"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "swinlab", "experiments"))
+    return {"commit": commit + (" + uncommitted changes" if dirty else ""), "versions": versions,
+            "python": platform.python_version(), "command": "python -m swinlab ablate " + " ".join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "cpus": os.cpu_count(), "jobs": jobs, "threads": threads}
+
+
+def provenance_line(p: Dict[str, Any]) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items())
+    took = f", {p['minutes']} min" if p.get("minutes") is not None else ""
+    return (f"Made by `{p['command']}` at commit {p['commit']} on {p['date']} ({versions}; Python {p['python']}; "
+            f"{p['cpus']} CPUs, {p['jobs']} job(s) x {p['threads'] or 'default'} thread(s){took}).")
 
 
 def plot_results(study: Dict[str, Any], rows: List[Dict[str, Any]], path: Path) -> None:
@@ -409,25 +605,56 @@ def _rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def write_outputs(study: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, plot: bool = False) -> None:
+def write_outputs(study: Dict[str, Any], rows: List[Dict[str, Any]], out: Path, plot: bool = False,
+                  provenance: Optional[Dict[str, Any]] = None) -> None:
+    """results.csv (a row per unit and size), results_images.csv (which validation images each row got right: what
+    the intervals are computed from), results.md, provenance.json and, at the end, results.png. Each file is written
+    whole to a temporary name and renamed over the old one."""
     if not _rank_zero():
         return
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+
+    def atomic(name: str, text: str) -> None:
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+    import io
+    for name, fields in (("results.csv", CSV_FIELDS), ("results_images.csv", IMAGE_FIELDS)):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: r[k] for k in CSV_FIELDS})
-    tmp.replace(out / "results.csv")
-    (out / "results.md").write_text(summarise(study, rows) + "\n")
+            writer.writerow({k: r[k] for k in fields})
+        atomic(name, buf.getvalue())
+    atomic("results.md", summarise(study, rows, provenance) + "\n")
+    if provenance is not None:
+        atomic("provenance.json", json.dumps(provenance, indent=1) + "\n")
     if plot and rows:
         plot_results(study, rows, out / "results.png")
+
+
+def read_rows(folder: Path) -> List[Dict[str, Any]]:
+    """A study's rows back from results.csv and results_images.csv (typed as the runner makes them)."""
+    images = {}
+    with (folder / "results_images.csv").open() as f:
+        for r in csv.DictReader(f):
+            images[(r["variant"], r["seed"], r["eval_img_size"], r["eval_window"], r["finetuned"])] = r["correct"]
+    rows = []
+    with (folder / "results.csv").open() as f:
+        for r in csv.DictReader(f):
+            key = (r["variant"], r["seed"], r["eval_img_size"], r["eval_window"], r["finetuned"])
+            rows.append(dict(r, seed=int(r["seed"]), train_img_size=int(r["train_img_size"]),
+                             train_window=int(r["train_window"]), eval_img_size=int(r["eval_img_size"]),
+                             eval_window=int(r["eval_window"]), finetuned=r["finetuned"] == "True",
+                             top1=float(r["top1"]), top5=float(r["top5"]), correct=images.get(key, "")))
+    return rows
 
 
 def planned_outputs(study: Dict[str, Any], out: Path) -> List[Path]:
     """What a study writes under ``out``: the results files, each variant's weights per seed and its TensorBoard
     folders (the training run and one per fine-tune size)."""
-    paths = [out / "results.csv", out / "results.md", out / "results.png"]
+    paths = [out / name for name in ("results.csv", "results_images.csv", "results.md", "results.png",
+                                      "provenance.json")]
     evals = [(to_2tuple(e["img_size"])[0], to_2tuple(e["window_size"])[0]) for e in study["eval"]]
     for variant in study["variants"]:
         for seed in study["seeds"]:
@@ -467,22 +694,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", type=Optional[str], default=None,
                         help="output folder (default: runs/ablations/<study>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
+    parser.add_argument("--variants", type=str, nargs="+", default=None,
+                        help="run only these of the study's variants (e.g. to rerun one and compare)")
+    parser.add_argument("--finetune", type=bool, default=True,
+                        help="false: skip the fine-tunes (the direct rows are the same as with them)")
     parser.add_argument("--threads", type=Optional[int], default=None,
-                        help="torch.set_num_threads (default: the study's 'threads:', else torch's choice)")
+                        help="torch.set_num_threads per process (default: the study's 'threads:', else torch's "
+                             "choice)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="units (variant x seed) trained at a time, each in its own process (e.g. the CPU count "
+                             "with threads: 1); the results do not depend on it")
     parser.add_argument("--overwrite", type=bool, default=False,
                         help="replace the results, weights and TensorBoard runs an earlier study left in --out "
                              "(refused otherwise)")
     args = parse_config(parser, argv, "ablate")
     study = load_study(args.config)
     threads = args.threads or study.get("threads")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} must be >= 1 (units trained at a time)")
     if threads:
         torch.set_num_threads(int(threads))
     if args.seeds:
         study["seeds"] = args.seeds
+    if args.variants:
+        unknown = [v for v in args.variants if v not in study["variants"]]
+        if unknown:
+            raise ConfigError(f"--variants {' '.join(unknown)}: not in study {study['study']} (it has "
+                              f"{', '.join(study['variants'])})")
+        study["variants"] = {v: study["variants"][v] for v in args.variants}
+        if study["baseline"] not in study["variants"]:
+            study["baseline"] = args.variants[0]
+    if not args.finetune:
+        study["finetune"] = None
+        study["claims"] = [c for c in study.get("claims") or [] if not c.get("finetuned")]
     out = Path(args.out or Path("runs") / "ablations" / study["study"])
     check_out(study, out, args.overwrite)
     started = time.perf_counter()
-    rows = run_study(study, out)
+    rows = run_study(study, out, jobs=args.jobs, threads=threads, provenance=provenance(argv, args.jobs, threads))
     print(summarise(study, rows))
     print(json.dumps(dict(out=str(out), rows=len(rows), minutes=round((time.perf_counter() - started) / 60, 2))))
     if any(not math.isfinite(r["top1"]) for r in rows):
