@@ -224,3 +224,21 @@ def test_loader_over_a_plain_sampler_has_no_resume_state():
     assert loader.state_dict() == {}
     loader.load_state_dict({"epoch": 0, "batches_served": 1, "batch_size": 2, "seed": 0, "num_samples": 6})
     assert list(loader) == [[0, 1], [2, 3], [4, 5]] and loader.state_dict() == {}
+
+
+def test_digits_on_a_larger_canvas_keep_their_pixel_size():
+    """digit_size: the digits are rendered at that size and centred on the img_size canvas, blank around them; the
+    same digit at 32 px filling the image and at 32 px on a 96 px canvas is the same pixels."""
+    full = DigitsDataModule(img_size=32, max_shift=0)
+    canvas = DigitsDataModule(img_size=96, digit_size=32, max_shift=0)
+    full.setup("fit")
+    canvas.setup("fit")
+    x32, y32 = full.val_set[5]
+    x96, y96 = canvas.val_set[5]
+    assert x96.shape == (3, 96, 96) and y96 == y32
+    assert torch.equal(x96[:, 32:64, 32:64], x32)
+    blank = x96.clone()
+    blank[:, 32:64, 32:64] = -1.0
+    assert torch.equal(blank, torch.full_like(x96, -1.0))  # nothing but blank pixels around the digit
+    with pytest.raises(ConfigError, match="digit_size=40 must be between 1 and the image size 32"):
+        DigitsDataModule(img_size=32, digit_size=40)

@@ -49,16 +49,30 @@ class _ShiftedDigits(Dataset):
         return img, self.y[int(i)]
 
 
+def pad_to_canvas(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) digits in the middle of a larger (H, W) canvas of blank pixels: the digits keep their pixel size."""
+    h, w = x.shape[-2:]
+    H, W = size
+    top, left = (H - h) // 2, (W - w) // 2
+    return F.pad(x, (left, W - w - left, top, H - h - top), value=-MEAN / STD)
+
+
 class DigitsDataModule(BaseDataModule):
     """Digits resized to ``img_size`` with 3 channels, fixed stratified train/val split (``val_fraction``,
     ``split_seed``), tensors in memory (``num_workers`` 0 is fastest). ``max_shift`` pixels of random translation
-    augment training (0: off)."""
+    augment training (0: off).
+
+    ``digit_size``: render the digits at this size and put them in the middle of the ``img_size`` canvas (blank
+    around them) instead of scaling them to fill it. A study that trains at 32 px with ``digit_size: 32`` and evaluates
+    at 96 px then sees the same digits, pixel for pixel, on a 3x larger canvas: the image grows without magnifying the
+    content (the confound of growing the image size with 8x8 scans, docs/ablations.md)."""
 
     num_classes = 10
 
     def __init__(self, img_size: ImgSize = 32, batch_size: int = 64, val_fraction: float = 0.2, split_seed: int = 0,
                  max_shift: int = 2, in_chans: int = 3, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False, seed: int = 0, eval_batch_size: Optional[int] = None):
+                 persistent_workers: bool = False, seed: int = 0, eval_batch_size: Optional[int] = None,
+                 digit_size: Optional[int] = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers, seed=seed, eval_batch_size=eval_batch_size)
         if not 0.0 < val_fraction < 1.0:
@@ -66,6 +80,10 @@ class DigitsDataModule(BaseDataModule):
         if max_shift < 0:
             raise ConfigError(f"max_shift={max_shift} must be >= 0 (0 turns augmentation off)")
         self.img_size = img_pair(img_size)
+        if digit_size is not None and not 1 <= digit_size <= min(self.img_size):
+            raise ConfigError(f"digit_size={digit_size} must be between 1 and the image size {min(self.img_size)}: "
+                              f"null to fill the image")
+        self.digit_size = digit_size
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.max_shift, self.in_chans = max_shift, in_chans
 
@@ -82,7 +100,11 @@ class DigitsDataModule(BaseDataModule):
             return
         from sklearn.model_selection import train_test_split
 
-        x, y = load_digits_tensors(self.img_size, self.in_chans)
+        if self.digit_size is None:
+            x, y = load_digits_tensors(self.img_size, self.in_chans)
+        else:
+            x, y = load_digits_tensors(self.digit_size, self.in_chans)
+            x = pad_to_canvas(x, self.img_size)
         idx = torch.arange(len(y)).numpy()
         train_idx, val_idx = train_test_split(idx, test_size=self.val_fraction, random_state=self.split_seed,
                                               stratify=y.numpy())
