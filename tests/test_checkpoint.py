@@ -256,3 +256,22 @@ def test_integer_weights_are_refused_in_one_line(tmp_path):
     half = {k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()}
     save_file(half, str(tmp_path / "half.safetensors"))  # half precision is a float: loaded (and cast)
     create_model("swin_pico_patch2_window4_32", num_classes=3, checkpoint=str(tmp_path / "half.safetensors"))
+
+
+def test_a_checkpoint_of_a_changed_width_loads_with_the_same_settings_only(tmp_path):
+    """A swinlab file saved from a variant built narrower (``embed_dim``/``depths``/``num_heads`` given) loads when the
+    same settings are given again, at another window too (what an ablation study's transfer does), and otherwise
+    names the fields that differ and the fix."""
+    from swinlab.models import create_model, save_safetensors
+    narrow = dict(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
+    name = "swinv2_pico_patch2_window4_32"
+    model = create_model(name, num_classes=10, **narrow)
+    path = save_safetensors(model, tmp_path / "narrow.safetensors", name)
+    again = create_model(name, checkpoint=str(path), window_size=8, **narrow)
+    assert torch.equal(again.head.fc.weight, model.head.fc.weight) and again.config.embed_dim == 8
+    with pytest.raises(CheckpointError, match=r"whose embed_dim, depths, num_heads differ from "
+                                              r"'swinv2_pico_patch2_window4_32': create it with model="):
+        create_model(name, checkpoint=str(path))
+    with pytest.raises(CheckpointError, match=r"whose depths, num_heads differ from .swinv2_pico_patch2_window4_32. "
+                                              r"with \{'embed_dim': 8\}: .* and the same settings"):
+        create_model(name, checkpoint=str(path), embed_dim=8)

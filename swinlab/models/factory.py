@@ -90,12 +90,15 @@ def create_model(
         state_dict, meta = read_checkpoint(fetch(checkpoint) if is_remote(checkpoint) else checkpoint)
         saved: Optional[SwinConfig] = meta.get("config")
         if saved is not None:  # a swinlab file knows the geometry it was saved at
-            ours, theirs = variant.config.resolved(), saved.resolved()
+            given = {k: v for k, v in overrides.items() if k in ARCHITECTURE_FIELDS}  # e.g. a narrower embed_dim
+            ours, theirs = variant.config.replace(**given).resolved(), saved.resolved()
             mismatched = [k for k in ARCHITECTURE_FIELDS if getattr(theirs, k) != getattr(ours, k)]
             if mismatched:
+                asked = f"{name!r} with {given}" if given else repr(name)
                 raise CheckpointError(
                     f"checkpoint {checkpoint} was saved from {meta.get('model', 'another model')!r}, whose "
-                    f"{', '.join(mismatched)} differ from {name!r}: create it with model={meta.get('model')!r}")
+                    f"{', '.join(mismatched)} differ from {asked}: create it with model={meta.get('model')!r}"
+                    f"{' and the same settings' if given else ''}")
             source = saved.replace(**{k: getattr(variant.config, k) for k in RUNTIME_FIELDS})
     changes = dict(overrides)
     if img_size is not None:

@@ -317,9 +317,10 @@ def _task(study: Dict[str, Any], name: str, kwargs: Dict[str, Any], checkpoint: 
     return ImageClassifier(model_name=name, model_kwargs=kwargs, checkpoint=checkpoint, **args)
 
 
-def transfer(weights: str, name: str, img_size, window_size) -> torch.nn.Module:
-    """The trained weights at another size through the model's own transfer path."""
-    return create_model(name, checkpoint=weights, img_size=img_size, window_size=window_size)
+def transfer(weights: str, name: str, img_size, window_size, **kwargs: Any) -> torch.nn.Module:
+    """The trained weights at another size through the model's own transfer path; ``kwargs``: the variant's other
+    model settings (switches, widths), as it was trained."""
+    return create_model(name, checkpoint=weights, **{**kwargs, "img_size": img_size, "window_size": window_size})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def run_unit(study: Dict[str, Any], variant: str, seed: int, out: Path, log=prin
     for img, win, ft in study_sizes(study):
         dm = make_data(study, img, int(seed), variant)
         if not ft:
-            model = transfer(str(weights), name, list(img), list(win))
+            model = transfer(str(weights), name, list(img), list(win), **kwargs)
         else:
             pl.seed_everything(int(seed), workers=True, verbose=False)
             ft_kwargs = {**kwargs, "img_size": list(img), "window_size": list(win)}
@@ -382,6 +383,80 @@ def run_unit(study: Dict[str, Any], variant: str, seed: int, out: Path, log=prin
             f"{'fine-tuned' if ft else 'direct    '} top1 {top1:.2f} top5 {top5:.2f}")
     logger.experiment.flush()
     return rows
+
+
+#: what ``--plan`` assumes by default: an H100's dense bf16 peak and the fraction of it a Swin training run reaches
+PEAK_TFLOPS = 989.0
+MFU = 0.35
+
+
+def _images(trainer: Dict[str, Any], dataset: int, batch: int) -> int:
+    """Images a Trainer section sees: ``max_steps`` optimizer steps x batch x accumulation, else ``max_epochs`` x
+    the data set."""
+    steps = trainer.get("max_steps")
+    if steps is not None and int(steps) > 0:
+        return int(steps) * batch * int(trainer.get("accumulate_grad_batches") or 1)
+    return int(trainer.get("max_epochs") or 1000) * dataset
+
+
+def plan(study: Dict[str, Any], train_images: int, val_images: int, peak_tflops: float = PEAK_TFLOPS,
+         mfu: float = MFU) -> Dict[str, Any]:
+    """What a study costs before it runs: per variant, the training and fine-tune images, the analytic FLOPs
+    (``swinlab.models.flops.model_macs`` x 2; x 3 for forward + backward) and the GPU-hours at ``peak_tflops`` x
+    ``mfu``, for one seed and for all of the study's seeds."""
+    from ..models.flops import model_macs
+    batch = int((study["data"].get("init_args") or {}).get("batch_size") or 64)
+    train = study["train"]
+    finetune = study.get("finetune")
+    rows = []
+    for variant in study["variants"]:
+        name, kwargs, given = _variant_model(study, variant)
+        flops = 0.0
+        images = 0
+        for img, win, ft in study_sizes(study):
+            with torch.device("meta"):
+                model = create_model(name, **{**kwargs, "img_size": list(img), "window_size": list(win)})
+            per_image = 2.0 * model_macs(model)
+            flops += val_images * per_image  # every size is evaluated once
+            if (img, win, ft) == study_sizes(study)[0] and not given:
+                seen = _images(train.get("trainer") or {}, train_images, batch)
+                flops += 3 * seen * per_image
+                images += seen
+            if ft:
+                seen = _images(finetune.get("trainer") or {}, train_images, batch)
+                flops += 3 * seen * per_image
+                images += seen
+        hours = flops / (peak_tflops * 1e12 * mfu) / 3600
+        rows.append(dict(variant=variant, train_images=images, pflops=round(flops / 1e15, 1),
+                         gpu_hours_per_seed=round(hours, 1), gpu_hours=round(hours * len(study["seeds"]), 1)))
+    total = sum(r["gpu_hours"] for r in rows)
+    return dict(study=study["study"], seeds=len(study["seeds"]), units=len(rows) * len(study["seeds"]),
+                peak_tflops=peak_tflops, mfu=mfu, train_images_per_epoch=train_images, val_images=val_images,
+                variants=rows, gpu_hours=round(total, 1))
+
+
+def format_plan(p: Dict[str, Any]) -> str:
+    lines = [f"| {p['study']} | images trained (per seed) | PFLOPs (per seed) | GPU-hours per seed | GPU-hours "
+             f"({p['seeds']} seed(s)) |", "|---|---|---|---|---|"]
+    for r in p["variants"]:
+        lines.append(f"| {r['variant']} | {r['train_images']:,} | {r['pflops']:,} | {r['gpu_hours_per_seed']} | "
+                     f"{r['gpu_hours']} |")
+    lines.append(f"| **total** ({p['units']} units) | | | | **{p['gpu_hours']}** |")
+    lines.append("")
+    lines.append(f"Analytic FLOPs (multiply-adds x 2, x 3 when training) at {p['peak_tflops']:g} TFLOP/s x "
+                 f"{p['mfu']:.0%} utilisation; {p['train_images_per_epoch']:,} training images an epoch, "
+                 f"{p['val_images']:,} validation images per evaluation.")
+    return "\n".join(lines)
+
+
+def _claim_gpu(queue) -> None:
+    """``--jobs`` worker start-up: take one GPU of the machine's (CUDA_VISIBLE_DEVICES), so each unit trains on its
+    own GPU; without GPUs the queue is empty and nothing changes."""
+    try:
+        device = queue.get_nowait()
+    except Exception:  # noqa: BLE001 - queue.Empty; no GPU to claim
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
 
 
 def _unit_in_worker(study: Dict[str, Any], variant: str, seed: int, out: str, threads: Optional[int],
@@ -423,7 +498,14 @@ def run_study(study: Dict[str, Any], out: Path, log=print, jobs: int = 1, thread
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ctx = multiprocessing.get_context("spawn")
+        gpus = ctx.Queue()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [d for d in visible.split(",") if d.strip()] if visible else list(range(torch.cuda.device_count()))
+        for device in ids[:jobs]:
+            gpus.put(device)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_claim_gpu,
+                                 initargs=(gpus,)) as pool:
             futures = [pool.submit(_unit_in_worker, study, variant, seed, str(out), threads, started)
                        for variant, seed in units]
             for future in as_completed(futures):
@@ -707,6 +789,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--overwrite", type=bool, default=False,
                         help="replace the results, weights and TensorBoard runs an earlier study left in --out "
                              "(refused otherwise)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what the study costs (images, FLOPs, GPU-hours) as JSON and markdown, and run "
+                             "nothing")
+    parser.add_argument("--train-images", type=Optional[int], default=None,
+                        help="--plan: training images an epoch (default: the data module's, when it can be read)")
+    parser.add_argument("--val-images", type=Optional[int], default=None,
+                        help="--plan: validation images (default: the data module's, when it can be read)")
+    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="--plan: the GPU's peak TFLOP/s")
+    parser.add_argument("--mfu", type=float, default=MFU, help="--plan: the fraction of the peak a run reaches")
     args = parse_config(parser, argv, "ablate")
     study = load_study(args.config)
     threads = args.threads or study.get("threads")
@@ -727,6 +818,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.finetune:
         study["finetune"] = None
         study["claims"] = [c for c in study.get("claims") or [] if not c.get("finetuned")]
+    if args.plan:
+        train_images, val_images = args.train_images, args.val_images
+        if train_images is None or val_images is None:
+            try:
+                dm = make_data(study, to_2tuple(study["train"]["img_size"]), 0)
+            except ConfigError as exc:
+                raise ConfigError(f"--plan cannot count the study's images ({exc}): give --train-images and "
+                                  f"--val-images") from None
+            train_images = train_images if train_images is not None else len(dm.train_set)
+            val_images = val_images if val_images is not None else len(dm.val_set)
+        cost = plan(study, int(train_images), int(val_images), args.peak_tflops, args.mfu)
+        print(json.dumps(cost))
+        print(format_plan(cost))
+        return 0
     out = Path(args.out or Path("runs") / "ablations" / study["study"])
     check_out(study, out, args.overwrite)
     started = time.perf_counter()
