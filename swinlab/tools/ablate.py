@@ -789,6 +789,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--overwrite", type=bool, default=False,
                         help="replace the results, weights and TensorBoard runs an earlier study left in --out "
                              "(refused otherwise)")
+    parser.add_argument("--report", type=Optional[str], default=None,
+                        help="rewrite results.md (and results.png) in this finished study's folder from its rows and "
+                             "the study file's current claims and baseline, and train nothing")
     parser.add_argument("--plan", action="store_true",
                         help="print what the study costs (images, FLOPs, GPU-hours) as JSON and markdown, and run "
                              "nothing")
@@ -818,6 +821,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.finetune:
         study["finetune"] = None
         study["claims"] = [c for c in study.get("claims") or [] if not c.get("finetuned")]
+    if args.report:
+        folder = Path(args.report)
+        if not (folder / "results.csv").is_file() or not (folder / "results_images.csv").is_file():
+            raise ConfigError(f"--report {folder}: no results.csv and results_images.csv there: give the --out folder "
+                              f"of a finished study")
+        rows = read_rows(folder)
+        prov_path = folder / "provenance.json"
+        prov = json.loads(prov_path.read_text()) if prov_path.is_file() else None
+        write_outputs(study, rows, folder, plot=True, provenance=prov)
+        print(summarise(study, rows, prov))
+        return 0
     if args.plan:
         train_images, val_images = args.train_images, args.val_images
         if train_images is None or val_images is None:
