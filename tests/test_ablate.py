@@ -225,7 +225,9 @@ def test_results_md_has_intervals_paired_differences_and_the_runners_verdicts(tm
                                                   "claims": [
         {"claim": "log-CPB transfers better", "variant": "log_cpb", "baseline": "table", "img_size": 32,
          "window_size": 8},
-        {"claim": "log-CPB is worse at the train window", "variant": "log_cpb", "expect": "worse"}]})))
+        {"claim": "log-CPB is worse at the train window", "variant": "log_cpb", "expect": "worse"},
+        {"claim": "log-CPB loses less moving to W8", "variant": "log_cpb", "img_size": 32, "window_size": 8,
+         "measure": "transfer"}]})))
     train, w8 = (32, 4, False), (32, 8, False)
     rows = []
     for seed in (0, 1):
@@ -237,6 +239,9 @@ def test_results_md_has_intervals_paired_differences_and_the_runners_verdicts(tm
     assert "| log-CPB transfers better | log_cpb > table at W8, I32 | +30.0 [" in md and "**reproduced**" in md
     assert "| log-CPB is worse at the train window | log_cpb < table at W4, I32 | +0.0 [+0.0, +0.0]" in md
     assert "**not resolved at this power**" in md
+    # the change from the train window: table 90 -> 50 (-40), log_cpb 90 -> 80 (-10); their difference +30
+    assert "| table | -40.0 [" in md and "| log_cpb | -10.0 [" in md
+    assert "| log-CPB loses less moving to W8 | change 32/W4 → W8, I32: log_cpb > table | +30.0 [" in md
     out = tmp_path / "out"
     out.mkdir()
     write_outputs(study, rows, out, provenance={"commit": "abc", "versions": {"torch": "x"}, "python": "3",

@@ -89,7 +89,10 @@ class FinetuneSpec:
 class Claim:
     """A paper's claim about one cell: ``variant`` is ``expect`` (better or worse) than ``baseline`` at the given
     evaluation size (``img_size``/``window_size``; the train size when omitted), directly or after the fine-tune.
-    The runner gives it a verdict from the paired interval (``swinlab.tools.study_stats.verdict``)."""
+    ``measure``: ``accuracy`` compares the cell's top-1; ``transfer`` compares the change from the train window
+    (cell minus train size, image by image: a difference of differences, so a variant that is simply better
+    everywhere does not count as transferring better). The runner gives it a verdict from the paired interval
+    (``swinlab.tools.study_stats.verdict``)."""
     claim: str
     variant: str
     baseline: Optional[str] = None
@@ -97,6 +100,7 @@ class Claim:
     window_size: Optional[Sizes] = None
     finetuned: bool = False
     expect: str = "better"
+    measure: str = "accuracy"
 
 
 @dataclass
@@ -161,6 +165,9 @@ def check_claims(study: Dict[str, Any], path: str) -> None:
             if (claim.get(key) or study["baseline"]) not in variants:
                 raise ConfigError(f"study config {path}: claim {claim['claim']!r} names {key} {claim.get(key)!r}, "
                                   f"which is not one of the variants {variants}")
+        if claim.get("measure", "accuracy") not in ("accuracy", "transfer"):
+            raise ConfigError(f"study config {path}: claim {claim['claim']!r} has measure={claim.get('measure')!r}: "
+                              f"use accuracy or transfer")
         if claim.get("expect") not in ("better", "worse"):
             raise ConfigError(f"study config {path}: claim {claim['claim']!r} has expect={claim.get('expect')!r}: use "
                               f"better or worse")
@@ -579,6 +586,17 @@ def summarise(study: Dict[str, Any], rows: List[Dict[str, Any]],
         lines.append(f"| {variant} | " + " | ".join(cols) + " |")
         if variant in paper:
             lines.append(f"| {variant} (paper) | " + " | ".join(str(c) for c in paper[variant]) + " |")
+    if len(cells) > 1:
+        lines += ["", f"Change from the train window (points; the same images, seed by seed; {pct} interval): what "
+                      f"moving the trained weights to another size costs each variant.", "",
+                  "| change from " + head[0] + " | " + " | ".join(head[1:]) + " |", "|---" * len(head) + "|"]
+        for variant in study["variants"]:
+            cols = []
+            train = cell_matrix(rows, variant, cells[0])
+            for cell in cells[1:]:
+                m = cell_matrix(rows, variant, cell)
+                cols.append("–" if m is None or train is None else bootstrap(m - train).format(signed=True))
+            lines.append(f"| {variant} | " + " | ".join(cols) + " |")
     others = [v for v in study["variants"] if v != base]
     if others:
         lines += ["", f"Paired difference against **{base}** (points; the same seeds and the same images; {pct} "
@@ -605,7 +623,15 @@ def summarise(study: Dict[str, Any], rows: List[Dict[str, Any]],
             cell = claim_cell(study, claim)
             shared = _shared_seeds(rows, variant, against)
             a, b = cell_matrix(rows, variant, cell, shared), cell_matrix(rows, against, cell, shared)
-            what = f"{variant} {'>' if claim['expect'] == 'better' else '<'} {against} at {_header(study, cell)}"
+            sign = ">" if claim["expect"] == "better" else "<"
+            transfer = claim.get("measure", "accuracy") == "transfer"
+            if transfer:
+                what = f"change {cells[0][0]}/W{cells[0][1]} → {_header(study, cell)}: {variant} {sign} {against}"
+                a0, b0 = cell_matrix(rows, variant, cells[0], shared), cell_matrix(rows, against, cells[0], shared)
+                a = None if a is None or a0 is None else a - a0
+                b = None if b is None or b0 is None else b - b0
+            else:
+                what = f"{variant} {sign} {against} at {_header(study, cell)}"
             if a is None or b is None:
                 lines.append(f"| {claim['claim']} | {what} | – | not run |")
                 continue
