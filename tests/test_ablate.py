@@ -333,7 +333,10 @@ def test_one_unit_of_the_committed_quick_study_regenerates(tmp_path):
                                                                         same)
 
 
-@pytest.mark.parametrize("study", ["pos_bias_transfer", "norm_attn"])
+QUICK_STUDIES = ["pos_bias_transfer", "pos_bias_power", "norm_attn", "norm_attn_long", "norm_attn_wide"]
+
+
+@pytest.mark.parametrize("study", QUICK_STUDIES)
 def test_docs_show_the_committed_results_as_the_runner_wrote_them(study):
     """docs/ablations.md carries each committed results.md verbatim (between its markers), and results.md is what
     the runner writes from the committed rows (intervals and verdicts recomputed here)."""
@@ -347,3 +350,14 @@ def test_docs_show_the_committed_results_as_the_runner_wrote_them(study):
     start, end = f"<!-- results: {study} -->\n", f"<!-- end results: {study} -->"
     assert start in doc and end in doc, f"docs/ablations.md has no markers for {study}"
     assert doc.split(start, 1)[1].split(end, 1)[0].strip() == md.strip()
+
+
+@pytest.mark.parametrize("study", ["pos_bias_transfer_imagenet", "norm_attn_imagenet"])
+def test_docs_show_the_imagenet_studies_cost_as_plan_computes_it(study):
+    """docs/ablations.md's GPU-hour tables are what ``ablate --plan`` prints for the shipped study files (ImageNet-1K:
+    1,281,167 training and 50,000 validation images), so they follow any change of the files or the FLOP count."""
+    from swinlab.tools.ablate import format_plan, plan
+    spec = load_study(str(ROOT / "experiments" / "ablations" / f"{study}.yaml"))
+    doc = (ROOT / "docs" / "ablations.md").read_text()
+    start, end = f"<!-- plan: {study} -->\n", f"<!-- end plan: {study} -->"
+    assert doc.split(start, 1)[1].split(end, 1)[0].strip() == format_plan(plan(spec, 1281167, 50000)).strip()
