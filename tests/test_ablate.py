@@ -361,3 +361,20 @@ def test_docs_show_the_imagenet_studies_cost_as_plan_computes_it(study):
     doc = (ROOT / "docs" / "ablations.md").read_text()
     start, end = f"<!-- plan: {study} -->\n", f"<!-- end plan: {study} -->"
     assert doc.split(start, 1)[1].split(end, 1)[0].strip() == format_plan(plan(spec, 1281167, 50000)).strip()
+
+
+def test_bootstrap_equals_resampling_the_images_by_index():
+    """The runner draws each seed's resample as counts of each score (chained binomials); drawing random image indices
+    and averaging, written out here, must give the same distribution: same SE and interval within Monte-Carlo noise,
+    for paired differences (-1/0/1) over 6 seeds."""
+    from swinlab.tools.study_stats import bootstrap
+    g = torch.Generator().manual_seed(3)
+    diff = (torch.rand(6, 300, generator=g) < 0.9).double() - (torch.rand(6, 300, generator=g) < 0.85).double()
+    seeds = torch.randint(0, 6, (4000, 6), generator=g)
+    images = torch.randint(0, 300, (4000, 6, 300), generator=g)
+    ref = diff[seeds].gather(2, images).mean(dim=(1, 2)) * 100
+    low, high = torch.quantile(ref, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    iv = bootstrap(diff)
+    assert iv.mean == pytest.approx(float(diff.mean()) * 100)
+    assert iv.se == pytest.approx(float(ref.std()), rel=0.06)
+    assert iv.low == pytest.approx(low, abs=0.4) and iv.high == pytest.approx(high, abs=0.4)

@@ -42,8 +42,13 @@ class Interval:
 
 def bootstrap(values: torch.Tensor, replicates: int = REPLICATES, seed: int = BOOT_SEED,
               level: float = LEVEL) -> Interval:
-    """``values``: (seeds, images) per-image scores (1/0 correct, or -1/0/1 paired differences). Returns the mean x 100
-    with its hierarchical bootstrap SE and percentile interval (seeds, then images within each drawn seed)."""
+    """``values``: (seeds, images) per-image scores (1/0 correct, -1/0/1 paired differences, or any few distinct
+    values). Returns the mean x 100 with its hierarchical bootstrap SE and percentile interval (seeds, then images
+    within each drawn seed).
+
+    Drawing n images with replacement from a seed whose scores take K distinct values is drawing how many of each
+    value: a multinomial over K categories with that seed's frequencies, sampled here as K-1 chained binomials.
+    That is the same distribution as indexing n random images, at a cost that does not grow with n."""
     v = torch.as_tensor(values, dtype=torch.float64)
     if v.dim() == 1:
         v = v.unsqueeze(0)
@@ -51,10 +56,20 @@ def bootstrap(values: torch.Tensor, replicates: int = REPLICATES, seed: int = BO
     if s == 0 or n == 0:
         raise ValueError("bootstrap needs at least one seed and one image")
     gen = torch.Generator().manual_seed(int(seed))
-    seeds = torch.randint(0, s, (replicates, s), generator=gen)
-    images = torch.randint(0, n, (replicates, s, n), generator=gen)
-    rows = v[seeds]  # (R, s, n): each replicate's drawn seeds
-    stats = rows.gather(2, images).mean(dim=(1, 2)) * 100.0
+    levels = torch.unique(v)  # the K distinct scores
+    freq = (v.unsqueeze(-1) == levels).double().mean(dim=1)  # (s, K): each seed's frequency of each score
+    drawn = freq[torch.randint(0, s, (replicates, s), generator=gen)]  # (R, s, K): the seeds each replicate drew
+    left = torch.full(drawn.shape[:2], float(n), dtype=torch.float64)  # images not yet given a score
+    mass = torch.ones_like(left)  # probability not yet used up
+    total = torch.zeros_like(left)
+    for k in range(len(levels) - 1):
+        p = torch.where(mass > 0, drawn[..., k] / mass.clamp_min(1e-300), torch.zeros_like(mass)).clamp(0, 1)
+        count = torch.binomial(left, p, generator=gen)
+        total += count * levels[k]
+        left -= count
+        mass -= drawn[..., k]
+    total += left * levels[-1]
+    stats = (total / n).mean(dim=1) * 100.0
     alpha = (1.0 - level) / 2
     low, high = torch.quantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
     return Interval(mean=float(v.mean()) * 100.0, se=float(stats.std()), low=low, high=high)
