@@ -46,6 +46,7 @@ def test_forward_intermediates_equal_timm(name):
     ours, ref = _pair(name)
     x = _x()
     calls = [dict(), dict(indices=2), dict(indices=[0, -1], norm=True), dict(indices=[1], stop_early=True),
+             dict(indices=[1]),  # an early stage without stop_early: the final features are still the last stage's
              dict(indices=[0, 3], stop_early=True, norm=True), dict(intermediates_only=True)]
     with torch.no_grad():
         for kw in calls:
@@ -62,13 +63,17 @@ def test_forward_intermediates_equal_timm(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("indices,prune_norm", [([1], False), (2, True), ([0, 3], False)])
+@pytest.mark.parametrize("indices,prune_norm", [([1], False), (2, True), ([0, 3], False), ([0, 2], False),
+                                               (None, False)])
 def test_prune_intermediate_layers_equals_timm(name, indices, prune_norm):
+    """``None``: the method's default (timm's: the last stage)."""
     ours, ref = _pair(name)
-    assert ours.prune_intermediate_layers(indices, prune_norm=prune_norm) == \
-        ref.prune_intermediate_layers(indices, prune_norm=prune_norm)
+    args = () if indices is None else (indices,)
+    assert ours.prune_intermediate_layers(*args, prune_norm=prune_norm) == \
+        ref.prune_intermediate_layers(*args, prune_norm=prune_norm)
     assert sorted(ours.state_dict()) == sorted(ref.state_dict())
-    assert ours.num_features == ref.num_features
+    assert ours.num_features == ref.num_features and ours.num_layers == len(ours.layers) == len(ref.layers)
+    indices = 1 if indices is None else indices
     x = _x(1)
     with torch.no_grad():
         _same(ours.forward_intermediates(x, indices), ref.forward_intermediates(x, indices))
@@ -160,3 +165,53 @@ def test_swinlab_variants_in_timms_registry():
         timm.create_model("swinlab_swinv2_tiny_window8_256.nope")
     assert sorted(swinlab.models.register_timm_models()) == sorted(names)  # registering again: a no-op
     assert sorted(timm.list_models(module="timm_models")) == sorted(names)
+
+
+@pytest.mark.parametrize("method", ["forward_intermediates", "prune_intermediate_layers"])
+def test_timm_api_defaults_are_timms(method):
+    """The defaults of the timm-API methods equal timm's Swin's (a call without arguments means the same)."""
+    import inspect
+    ours = inspect.signature(getattr(SwinTransformer, method)).parameters
+    ref = inspect.signature(getattr(timm.models.swin_transformer.SwinTransformer, method)).parameters
+    assert {k: v.default for k, v in ours.items()} == {k: v.default for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("indices", [1, 2, 3, 4, [0], [3], [0, -1], [-2, 1], None])
+def test_take_indices_is_timms_feature_take_indices(indices):
+    from timm.models._features import feature_take_indices
+
+    from swinlab.models.swin import take_indices
+    assert take_indices(4, indices) == tuple(feature_take_indices(4, indices))
+
+
+@pytest.mark.parametrize("indices, words", [(0, "use 1 to 4"), (5, "use 1 to 4"), ([4], "use 0 to 3 (or -1"),
+                                            ([-5], "use 0 to 3 (or -1")])
+def test_take_indices_out_of_range_is_one_line_naming_the_range(indices, words):
+    from swinlab.models.swin import take_indices
+    with pytest.raises(ConfigError) as err:
+        take_indices(4, indices)
+    assert words in str(err.value)
+
+
+def test_as_features_defaults_to_timms_nhwc_maps_and_names_timms_modules():
+    """``as_features()`` without arguments gives every stage's map NHWC, as timm's ``features_only`` Swin does, and
+    its feature_info answers timm's FeatureInfo queries (module names, channels, reductions) as timm's does."""
+    name = "swin_pico_patch2_window4_32"
+    ours = create_model(name).as_features()
+    ref = timm.create_model(TIMM_ARCH[name], pretrained=False, features_only=True)
+    maps = ours(_x())
+    assert [m.shape[-1] for m in maps] == ours.feature_info.channels()  # channels last
+    assert ours.feature_info.module_name() == ref.feature_info.module_name() == [f"layers.{i}" for i in range(4)]
+    assert ours.feature_info.reduction() == [2, 4, 8, 16] and ref.feature_info.reduction() == [4, 8, 16, 32]
+    assert [d["module"] for d in ours.feature_info.get_dicts()] == ref.feature_info.module_name()
+    with pytest.raises(ConfigError, match="output_fmt='NLC': use 'NCHW' or 'NHWC'"):
+        create_model(name).as_features(output_fmt="NLC")
+
+
+def test_reset_classifier_takes_timms_avg_pool_and_updates_the_pretrained_cfg():
+    model = create_model("swinv2_pico_patch2_window4_32")
+    cfg = dict(model.pretrained_cfg)
+    model.reset_classifier(5, "avg")  # timm's callers pass the pool they want; average is the only one
+    assert model.head.fc.out_features == 5 and model.pretrained_cfg == dict(cfg, num_classes=5)
+    with pytest.raises(ConfigError, match="global_pool='max': swinlab's head pools by average only, use 'avg'"):
+        model.reset_classifier(5, "max")
