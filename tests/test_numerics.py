@@ -251,10 +251,11 @@ def test_attention_probs_are_the_forwards_softmax_and_times_v_give_its_output(ve
             torch.testing.assert_close(attn.attention_probs(x, mask), probs)  # whatever path the forward takes
 
 
-def test_attention_probs_without_a_mask_equal_those_with_an_all_zero_mask():
-    """A block without shift has no mask: ``attention_probs(x)`` must work and equal the masked path with nothing
-    masked."""
-    attn = _attention(window=(2, 3), heads=2, dim=8)
+@pytest.mark.parametrize("position_bias", ["cpb_log", "none"])
+def test_attention_probs_without_a_mask_equal_those_with_an_all_zero_mask(position_bias):
+    """A block without shift has no mask (and with ``position_bias: none`` nothing at all is added): ``attention_probs
+    (x)`` must work and equal the masked path with nothing masked."""
+    attn = _attention(window=(2, 3), heads=2, dim=8, position_bias=position_bias)
     x = torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = attn.attention_probs(x)

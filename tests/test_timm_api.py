@@ -66,11 +66,11 @@ def test_forward_intermediates_equal_timm(name):
 @pytest.mark.parametrize("indices,prune_norm", [([1], False), (2, True), ([0, 3], False), ([0, 2], False),
                                                (None, False)])
 def test_prune_intermediate_layers_equals_timm(name, indices, prune_norm):
-    """``None``: the method's default (timm's: the last stage)."""
+    """``None``: the method's default indices (timm's: the last stage); ``prune_norm`` False is left to the default."""
     ours, ref = _pair(name)
     args = () if indices is None else (indices,)
-    assert ours.prune_intermediate_layers(*args, prune_norm=prune_norm) == \
-        ref.prune_intermediate_layers(*args, prune_norm=prune_norm)
+    kwargs = {"prune_norm": True} if prune_norm else {}
+    assert ours.prune_intermediate_layers(*args, **kwargs) == ref.prune_intermediate_layers(*args, **kwargs)
     assert sorted(ours.state_dict()) == sorted(ref.state_dict())
     assert ours.num_features == ref.num_features and ours.num_layers == len(ours.layers) == len(ref.layers)
     indices = 1 if indices is None else indices
