@@ -410,3 +410,23 @@ def test_fused_training_gives_the_position_bias_its_gradient():
     assert all(g.abs().sum() > 0 for g in grads[0].values())
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+
+
+def test_position_tables_are_built_on_the_device_asked_for():
+    """``relative_position_index`` / ``relative_coords_table`` honour ``device`` (buffers are rebuilt on the model's
+    device after a meta-device build or a move; built elsewhere they would need a copy, or fail on GPU)."""
+    assert relative_position_index((3, 4), device="meta").device.type == "meta"
+    assert relative_coords_table((3, 4), (0, 0), True, device="meta").device.type == "meta"
+    assert relative_coords_table((3, 4), (2, 2), False, device="meta").device.type == "meta"
+
+
+def test_qkv_bias_takes_the_parameters_dtype_when_the_zero_k_buffer_was_not_cast():
+    """DeepSpeed's half-precision engines cast parameters, not buffers: q_bias/v_bias bf16 beside an fp32 zero
+    k_bias must still give a bf16 qkv bias (an fp32 one would promote the projection or fail in F.linear)."""
+    attn = _attention(window=(2, 2), heads=2, dim=8)
+    with torch.no_grad():
+        attn.q_bias.data = attn.q_bias.data.bfloat16()
+        attn.v_bias.data = attn.v_bias.data.bfloat16()
+    assert attn.k_bias.dtype == torch.float32
+    bias = attn.qkv_bias()
+    assert bias.dtype == torch.bfloat16 and torch.equal(bias[8:16], torch.zeros(8, dtype=torch.bfloat16))
