@@ -15,7 +15,7 @@ from timm.models.swin_transformer import SwinTransformer as TimmV1
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
 
 from swinlab.errors import ConfigError
-from swinlab.models import SwinTransformer
+from swinlab.models import SwinTransformer, create_model
 from swinlab.models import swin as swin_module
 from swinlab.models.swin import _autocast_off, _dtensor_rng_ok, defer_meta_loads
 
@@ -470,3 +470,25 @@ def test_chunked_attention_on_two_shifted_windows_and_without_any_bias(position_
         whole = model(x)
         model.set_attn_chunk_size(1)
         torch.testing.assert_close(model(x), whole, atol=1e-5, rtol=0)
+
+
+def test_shift_masks_follow_the_device_of_the_input_at_any_size():
+    """A model on the meta device run at a size it was not built for builds its shift masks on the input's device
+    (``shift_mask(..., device)``, cached per device): the forward stays on meta, and a CPU mask is never served for
+    a meta input from the cache."""
+    from swinlab.models.swin import shift_mask
+    assert shift_mask((8, 8), (4, 4), (2, 2), device="meta").device.type == "meta"
+    with torch.device("meta"):
+        model = create_model("swin_pico_patch2_window4_32", num_classes=10)
+    out = model(torch.empty(2, 3, 64, 64, device="meta"))  # 64 px: not the built 32, so masks are made at run time
+    assert out.device.type == "meta" and out.shape == (2, 10)
+    block = model.layers[0].blocks[1]  # a shifted block
+    key = (32, 32, 2, 2)
+    cpu, meta = block._get_mask(key, torch.device("cpu")), block._get_mask(key, torch.device("meta"))
+    assert cpu.device.type == "cpu" and meta.device.type == "meta"
+
+
+def test_an_image_batch_of_the_wrong_rank_is_one_line_naming_the_shape():
+    with pytest.raises(ConfigError, match=r"expected images shaped \(batch, channels, height, width\), got "
+                                          r"\(3, 32, 32\)"):
+        create_model("swin_pico_patch2_window4_32")(torch.zeros(3, 32, 32))
