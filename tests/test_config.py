@@ -112,3 +112,15 @@ def test_to_dict_is_plain_json_and_reads_back():
 def test_from_dict_names_unknown_keys():
     with pytest.raises(ConfigError, match=r"^unknown model config keys \['colour', 'depth'\]: expected some of \["):
         SwinConfig.from_dict({"depth": 2, "colour": "red", "embed_dim": 8})
+
+
+@pytest.mark.parametrize("pretrained", [[0, 8], [8, 0], [-8, -8], [[8, 8], [8, 8], [8, 8], [0, 1]]])
+def test_a_pretrained_window_the_cpb_cannot_have_been_trained_at_is_refused(pretrained):
+    """0 means "no pretrained window" and must stand on both axes: a 0 beside a size would normalise one axis by the
+    pretrained window and the other by the current one (or ignore the size given)."""
+    cfg = SwinConfig(version="v2", img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2),
+                     num_heads=(1, 2, 4, 8), window_size=4, pretrained_window_size=pretrained)
+    with pytest.raises(ConfigError, match="is not a window a CPB was trained at: use 0 .none. or a positive size"):
+        cfg.resolved()
+    for fine in ([2, 3], [1, 1]):  # 1: a stage whose window was clamped to one token
+        assert cfg.replace(pretrained_window_size=fine).resolved().pretrained_window_size[0] == fine

@@ -430,3 +430,12 @@ def test_qkv_bias_takes_the_parameters_dtype_when_the_zero_k_buffer_was_not_cast
     assert attn.k_bias.dtype == torch.float32
     bias = attn.qkv_bias()
     assert bias.dtype == torch.bfloat16 and torch.equal(bias[8:16], torch.zeros(8, dtype=torch.bfloat16))
+
+
+def test_cpb_coordinates_of_a_stage_trained_at_one_token_are_unnormalised_offsets():
+    """A stage whose window was clamped to 1 token trained its CPB at window 1: moved to window 3, its offsets
+    -2..2 are divided by max(1 - 1, 1) = 1 (not by the new window's 2), times 8, then log-spaced (hand values)."""
+    table = relative_coords_table((3, 3), (1, 1), True)
+    expected = torch.tensor([math.copysign(math.log2(8 * abs(d) + 1) / 3, d) for d in range(-2, 3)])
+    torch.testing.assert_close(table[0, :, 2, 0], expected)
+    torch.testing.assert_close(table[0, 2, :, 1], expected)

@@ -119,6 +119,10 @@ class SwinConfig:
         if any(w <= 0 for ws in windows for w in ws):
             raise ConfigError(f"window_size must be positive, got {self.window_size!r}")
         pretrained = per_stage(self.pretrained_window_size, len(depths), "pretrained_window_size")
+        for pw in pretrained:  # the CPB normalises each axis by its pretrained window; 0 means none, on both axes
+            if (pw[0] == 0) != (pw[1] == 0) or pw[0] < 0 or pw[1] < 0:
+                raise ConfigError(f"pretrained_window_size {list(pw)} is not a window a CPB was trained at: use 0 "
+                                  f"(none) or a positive size on both axes (e.g. the checkpoint's window, 8 or 12)")
         if self.attn_chunk_size < 0:
             raise ConfigError(f"attn_chunk_size={self.attn_chunk_size} must be >= 0 (0 turns sequential attention "
                               f"off)")
