@@ -608,9 +608,10 @@ class SwinTransformer(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
-        self.apply(self._init_weights)
-        if cfg.norm_placement == "res_post":
-            self._init_respostnorm()
+        if not self.is_meta():  # a meta build has no values to draw: init_weights() runs after materialising it
+            self.apply(self._init_weights)
+            if cfg.norm_placement == "res_post":
+                self._init_respostnorm()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     # -- initialisation -------------------------------------------------------------------------------------------

@@ -420,10 +420,13 @@ def plan(study: Dict[str, Any], train_images: int, val_images: int, peak_tflops:
         name, kwargs, given = _variant_model(study, variant)
         flops = 0.0
         images = 0
+        macs: Dict[Tuple[Tuple[int, int], Tuple[int, int]], int] = {}
         for img, win, ft in study_sizes(study):
-            with torch.device("meta"):
-                model = create_model(name, **{**kwargs, "img_size": list(img), "window_size": list(win)})
-            per_image = 2.0 * model_macs(model)
+            if (img, win) not in macs:  # a size evaluated directly and after the fine-tune is built once
+                with torch.device("meta"):
+                    model = create_model(name, **{**kwargs, "img_size": list(img), "window_size": list(win)})
+                macs[(img, win)] = model_macs(model)
+            per_image = 2.0 * macs[(img, win)]
             flops += val_images * per_image  # every size is evaluated once
             if (img, win, ft) == study_sizes(study)[0] and not given:
                 seen = _images(train.get("trainer") or {}, train_images, batch)
