@@ -572,7 +572,7 @@ def summarise(study: Dict[str, Any], rows: List[Dict[str, Any]],
     base = study.get("baseline") or next(iter(study["variants"]))
     seeds = sorted({r["seed"] for r in rows})
     pct = f"{LEVEL:.0%}"
-    lines = [f"## {study['study']}", ""]
+    lines = [f"**Study `{study['study']}`**", ""]  # not a heading: results.md is also embedded in docs
     if provenance:
         lines += [provenance_line(provenance), ""]
     head = [_header(study, c, train=(k == 0)) for k, c in enumerate(cells)]
