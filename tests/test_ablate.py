@@ -359,3 +359,18 @@ def test_bootstrap_equals_resampling_the_images_by_index():
     assert iv.mean == pytest.approx(float(diff.mean()) * 100)
     assert iv.se == pytest.approx(float(ref.std()), rel=0.06)
     assert iv.low == pytest.approx(low, abs=0.4) and iv.high == pytest.approx(high, abs=0.4)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--jobs", "0"], "--jobs 0 must be >= 1"),
+    (["--variants", "cosine"], "--variants cosine: not in study tiny (it has "),
+    (["--report", "nowhere"], "--report nowhere: no results.csv and results_images.csv there"),
+])
+def test_a_bad_ablate_option_is_one_line_and_nothing_is_written(tmp_path, capsys, extra, words):
+    from swinlab.__main__ import main as swinlab_main
+    path = write_study(tmp_path, TINY)
+    capsys.readouterr()
+    rc = swinlab_main(["ablate", "--config", str(path), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -462,9 +462,10 @@ def format_plan(p: Dict[str, Any]) -> str:
 def _claim_gpu(queue) -> None:
     """``--jobs`` worker start-up: take one GPU of the machine's (CUDA_VISIBLE_DEVICES), so each unit trains on its
     own GPU; without GPUs the queue is empty and nothing changes."""
+    import queue as queues
     try:
         device = queue.get_nowait()
-    except Exception:  # noqa: BLE001 - queue.Empty; no GPU to claim
+    except queues.Empty:  # no GPU left to claim
         return
     os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
 
