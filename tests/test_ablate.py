@@ -314,7 +314,9 @@ def test_one_unit_of_the_committed_quick_study_regenerates(tmp_path):
                                                                         same)
 
 
-QUICK_STUDIES = ["pos_bias_transfer", "pos_bias_power", "norm_attn", "norm_attn_long", "norm_attn_wide"]
+QUICK_STUDIES = [
+    "pos_bias_transfer", "pos_bias_power", "pos_bias_coupled", "norm_attn", "norm_attn_long", "norm_attn_wide",
+]
 
 
 @pytest.mark.parametrize("study", QUICK_STUDIES)
@@ -374,3 +376,23 @@ def test_a_bad_ablate_option_is_one_line_and_nothing_is_written(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_plot_keeps_coupled_sizes_at_one_window_apart():
+    """pos_bias_coupled evaluates window 3 at its train size (48 px) and on the 144-px canvas: the plot gives them
+    separate points (a tick per image/window), each the mean over seeds of its own rows; a one-size study keeps the
+    window as its x axis."""
+    from swinlab.tools.ablate import plot_points, read_rows
+    spec = load_study(str(ROOT / "experiments" / "ablations" / "pos_bias_coupled.yaml"))
+    rows = read_rows(RESULTS / "pos_bias_coupled")
+    labels, points = plot_points(spec, rows)
+    assert labels == ["48/W3", "144/W3", "144/W9", "240/W15"]
+    xs, ys, _ = points["table"]
+    for k, (img, win) in enumerate([(48, 3), (144, 3), (144, 9), (240, 15)]):
+        mine = [r["top1"] for r in rows
+                if r["variant"] == "table" and (r["eval_img_size"], r["eval_window"]) == (img, win)]
+        assert xs[k] == k and ys[k] == pytest.approx(sum(mine) / len(mine))
+    assert ys[0] > 90 > 50 > ys[1]  # the trained window on the large canvas is not averaged with the train size
+    one = load_study(str(ROOT / "experiments" / "ablations" / "pos_bias_power.yaml"))
+    labels, points = plot_points(one, read_rows(RESULTS / "pos_bias_power"))
+    assert labels == ["W2", "W4", "W8", "W16"] and points["log_cpb"][0] == [2.0, 4.0, 8.0, 16.0]

@@ -682,6 +682,32 @@ def provenance_line(p: Dict[str, Any]) -> str:
             f"{p['cpus']} CPUs, {p['jobs']} job(s) x {p['threads'] or 'default'} thread(s){took}).")
 
 
+def plot_points(study: Dict[str, Any], rows: List[Dict[str, Any]], finetuned: bool = False
+                ) -> Tuple[List[str], Dict[str, Tuple[List[float], List[float], List[float]]]]:
+    """What ``results.png`` draws: the x tick labels (one per evaluated (image, window), the train size first) and per
+    variant the x positions, the mean top-1 over seeds and its standard deviation. With one image size the x position
+    is the window; with several (the coupled protocol) it is the cell's index, so that two sizes evaluated at the
+    same window are never averaged into one point."""
+    cells = _cells(study)
+    t_img, t_win = cells[0][:2]
+    sizes = list(dict.fromkeys((img, win) for img, win, _ in cells))
+    numeric = len({img for img, _ in sizes}) == 1
+    labels = [f"W{win}" if numeric else f"{img}/W{win}" for img, win in sizes]
+    points = {}
+    for variant in study["variants"]:
+        xs, ys, es = [], [], []
+        for k, (img, win) in enumerate(sizes):
+            train = (img, win) == (t_img, t_win)
+            vals = [r["top1"] for r in rows if r["variant"] == variant and r["eval_img_size"] == img
+                    and r["eval_window"] == win and (r["finetuned"] == finetuned or train)]
+            if vals:
+                xs.append(float(win if numeric else k))
+                ys.append(statistics.fmean(vals))
+                es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        points[variant] = (xs, ys, es)
+    return labels, points
+
+
 def plot_results(study: Dict[str, Any], rows: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -689,21 +715,17 @@ def plot_results(study: Dict[str, Any], rows: List[Dict[str, Any]], path: Path) 
 
     modes = [False, True] if study.get("finetune") else [False]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
-    t_win = to_2tuple(study["train"]["window_size"])[0]
+    t_img, t_win = _cells(study)[0][:2]
     for ax, ft in zip(axes[0], modes):
-        for variant in study["variants"]:
-            wins = sorted({r["eval_window"] for r in rows if r["variant"] == variant})
-            xs, ys, es = [], [], []
-            for w in wins:
-                vals = [r["top1"] for r in rows if r["variant"] == variant and r["eval_window"] == w
-                        and (r["finetuned"] == ft or w == t_win)]
-                if vals:
-                    xs.append(w)
-                    ys.append(statistics.fmean(vals))
-                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        labels, points = plot_points(study, rows, ft)
+        for variant, (xs, ys, es) in points.items():
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=variant)
         ax.set_title(f"{study['study']}: {'after fine-tune' if ft else 'without fine-tune'}")
-        ax.set_xlabel(f"eval window (train window {t_win})")
+        if labels[0].startswith("W"):
+            ax.set_xlabel(f"eval window (train window {t_win}, {t_img} px)")
+        else:
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlabel(f"eval image px / window (train {t_img}/W{t_win})")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend()
