@@ -214,6 +214,16 @@ def test_every_variant_builds_on_meta_as_its_config_says(name):
     assert model_macs(model) > 0
 
 
+@pytest.mark.parametrize("size,rate", [("tiny", 0.2), ("small", 0.3), ("base", 0.5)])
+def test_paper_sizes_carry_the_papers_stochastic_depth(size, rate):
+    """Stochastic depth 0.2 / 0.3 / 0.5 for T / S / B: Swin's ImageNet-1K recipe (paper A2.1), kept by SwinV2's
+    ablations (A1.1); in the V1 224-px and the V2 256-px variants, and in their blocks' linear ramp up to it."""
+    names = [f"swin_{size}_patch4_window7_224"] + [f"swinv2_{size}_window{w}_256" for w in (8, 16)]
+    assert {get_variant(n).config.drop_path_rate for n in names} == {rate}
+    last = _on_meta(names[0]).layers[-1].blocks[-1]
+    assert last.drop_path1.drop_prob == pytest.approx(rate)
+
+
 def _timm_names():
     return [n for n in list_models() if n in timm.list_models() or n in ("swin_pico_patch2_window4_32",
                                                                           "swinv2_pico_patch2_window4_32")]

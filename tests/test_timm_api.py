@@ -167,6 +167,18 @@ def test_swinlab_variants_in_timms_registry():
     assert sorted(timm.list_models(module="timm_models")) == sorted(names)
 
 
+def test_timm_pretrained_cfg_overlay_updates_swinlab_models_as_timms_own():
+    """``timm.create_model(..., pretrained_cfg_overlay=...)`` replaces the named keys of the model's pretrained_cfg
+    and keeps the others, for a swinlab entry point as for timm's own Swin."""
+    overlay = dict(mean=(0.5, 0.5, 0.5), crop_pct=1.0)
+    ours = timm.create_model("swinlab_swinv2_pico_patch2_window4_32", pretrained_cfg_overlay=overlay)
+    with torch.device("meta"):
+        ref = timm.create_model("swinv2_tiny_window8_256", pretrained_cfg_overlay=overlay)
+    for key, value in overlay.items():
+        assert ours.pretrained_cfg[key] == ref.pretrained_cfg[key] == value
+    assert ours.pretrained_cfg["input_size"] == (3, 32, 32)  # the other keys stay
+
+
 @pytest.mark.parametrize("method", ["forward_intermediates", "prune_intermediate_layers"])
 def test_timm_api_defaults_are_timms(method):
     """The defaults of the timm-API methods equal timm's Swin's (a call without arguments means the same)."""
