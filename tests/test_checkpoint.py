@@ -275,3 +275,65 @@ def test_a_checkpoint_of_a_changed_width_loads_with_the_same_settings_only(tmp_p
     with pytest.raises(CheckpointError, match=r"whose depths, num_heads differ from .swinv2_pico_patch2_window4_32. "
                                               r"with \{'embed_dim': 8\}: .* and the same settings"):
         create_model(name, checkpoint=str(path), embed_dim=8)
+
+
+# -- what a checkpoint is, read off its state dict (the "which variant fits" error of a wrong checkpoint) -------------
+
+# the papers' sizes (Swin Table 1 of sizes / SwinV2 Table 2), independent of the registry
+PAPER_ARCH = {
+    "swin_tiny_patch4_window7_224": dict(version="v1", embed_dim=96, patch_size=4, depths=[2, 2, 6, 2],
+                                         num_heads=[3, 6, 12, 24], window=7),
+    "swin_base_patch4_window12_384": dict(version="v1", embed_dim=128, patch_size=4, depths=[2, 2, 18, 2],
+                                          num_heads=[4, 8, 16, 32], window=12),
+    "swinv2_tiny_window8_256": dict(version="v2", embed_dim=96, patch_size=4, depths=[2, 2, 6, 2],
+                                    num_heads=[3, 6, 12, 24], window=None),
+    "swinv2_base_window12to24_192to384": dict(version="v2", embed_dim=128, patch_size=4, depths=[2, 2, 18, 2],
+                                              num_heads=[4, 8, 16, 32], window=None),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_ARCH))
+def test_describe_reads_timms_state_dicts_as_the_papers_sizes(name):
+    """timm's model (on meta) with its keys sorted as a safetensors file stores them ("blocks.10" before "blocks.2"):
+    the architecture read off it is the paper's, and the registry variant of that name fits it."""
+    from swinlab.models.checkpoint import describe_state_dict, fitting_variants
+    with torch.device("meta"):
+        ref = timm.create_model(name)
+    sd = dict(sorted(ref.state_dict().items()))
+    assert describe_state_dict(sd) == PAPER_ARCH[name]
+    fits = fitting_variants(sd)
+    assert name in fits and (PAPER_ARCH[name]["window"] is None or fits[0] == name)
+
+
+def test_describe_reads_the_heads_of_a_v2_without_cosine_attention():
+    """The switches can drop V2's logit scale (dot attention) and the q/v biases: the heads then come from the CPB
+    MLP's output layer and the version from the MLP's first layer."""
+    from swinlab.models.checkpoint import describe_state_dict
+    with torch.device("meta"):
+        model = create_model("swinv2_pico_patch2_window4_32", attention="dot", qkv_bias="none")
+    sd = model.state_dict()
+    assert not any(k.endswith(("logit_scale", "q_bias")) for k in sd)
+    assert describe_state_dict(sd) == dict(version="v2", embed_dim=16, patch_size=2, depths=[2, 2, 2, 2],
+                                           num_heads=[1, 2, 4, 8], window=None)
+
+
+def test_bias_table_resize_keeps_the_axes_of_a_non_square_window_and_the_dtype():
+    """(Wh, Ww) = (4, 8) -> (8, 12): a table that varies along dy only keeps that after the resize (the axes are not
+    swapped or squared), its shape is (15 x 23, heads), and a bf16 table stays bf16."""
+    from swinlab.models.checkpoint import resize_bias_table
+    dy = torch.arange(7, dtype=torch.float32).repeat_interleave(15)  # (2*4-1) x (2*8-1) grid, row-major
+    table = torch.stack([dy, 2 * dy], dim=1).to(torch.bfloat16)
+    out = resize_bias_table(table, (4, 8), (8, 12))
+    assert out.shape == (15 * 23, 2) and out.dtype == torch.bfloat16
+    grid = out.float().T.reshape(2, 15, 23)
+    assert torch.equal(grid, grid[:, :, :1].expand_as(grid))  # constant along dx
+    assert grid[0, 0, 0] < grid[0, 7, 0] < grid[0, 14, 0]  # and still rising along dy
+
+
+def test_another_librarys_error_is_quoted_by_its_first_line():
+    """A quoted error is its message's first line, cut at the limit (200 characters unless given); an empty message
+    is quoted by the error's type."""
+    from swinlab.errors import first_line
+    assert first_line(OSError("disk full\nerrno 28\n")) == "disk full"
+    assert first_line(RuntimeError("x" * 300)) == "x" * 200 and first_line(RuntimeError("y" * 300), 160) == "y" * 160
+    assert first_line(KeyError()) == "KeyError" and first_line(ValueError("  \n ")) == "ValueError"

@@ -134,6 +134,20 @@ def test_compile_model_rejects_unknown_mode():
         compile_model(torch.nn.Linear(2, 2), mode="fastest")
 
 
+def test_compile_model_hands_its_documented_defaults_and_overrides_to_torch_compile(spy):
+    """Defaults: one graph specialised on the configured size (``dynamic=False``), graph breaks allowed, inductor;
+    every setting and any extra keyword reach ``torch.compile``, and the compiled module shares the parameters."""
+    from swinlab.models.compile import compile_model
+    calls = spy(torch, "compile", lambda model, **kw: kw)
+    net = torch.nn.Linear(2, 2)
+    compiled = compile_model(net)
+    assert calls == [dict(mode="default", dynamic=False, fullgraph=False, backend="inductor")]
+    assert all(a is b for a, b in zip(compiled.parameters(), net.parameters()))
+    compile_model(net, mode="max-autotune-no-cudagraphs", dynamic=True, fullgraph=True, backend="eager", disable=True)
+    assert calls[1] == dict(mode="max-autotune-no-cudagraphs", dynamic=True, fullgraph=True, backend="eager",
+                            disable=True)
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 from .config import SwinConfig
 from .registry import REGISTRY
 from .swin import SwinTransformer, stage_geometry
@@ -24,10 +24,6 @@ from .swin import SwinTransformer, stage_geometry
 BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table", "k_bias")
 ANCHOR = "patch_embed.proj.weight"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -45,7 +41,7 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
                 raw_meta = f.metadata() or {}
                 obj: Any = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {path} as safetensors ({_first_line(exc)}): the file is truncated "
+            raise CheckpointError(f"cannot read {path} as safetensors ({first_line(exc)}): the file is truncated "
                                   f"or not safetensors; export it again") from None
         if "swinlab_config" in raw_meta:
             meta = dict(model=raw_meta.get("swinlab_model"), config=json.loads(raw_meta["swinlab_config"]))
@@ -65,7 +61,7 @@ def _saved_config(saved: Any, path: Path) -> Optional[SwinConfig]:
     try:
         return SwinConfig.from_dict(saved)
     except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path} has swinlab metadata that is not a model config ({_first_line(exc)}): "
+        raise CheckpointError(f"{path} has swinlab metadata that is not a model config ({first_line(exc)}): "
                               f"re-export it, or load its weights by name without the metadata") from None
 
 
@@ -80,10 +76,10 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects that only unpickling could build "
-            f"({_first_line(exc)[:120]}); swinlab loads tensors only: save model.state_dict() or safetensors"
+            f"({first_line(exc, 120)}); swinlab loads tensors only: save model.state_dict() or safetensors"
         ) from None
     except Exception as exc:  # truncated zip, foreign format, KeyError from a malformed archive, ...
-        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {_first_line(exc)}): the file is truncated "
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {first_line(exc)}): the file is truncated "
                               f"or not a PyTorch checkpoint; copy or export it again") from None
 
 

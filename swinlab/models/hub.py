@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 
 HF_PREFIX = "hf-hub:"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's hub layout: safetensors first
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,8 +116,8 @@ def fetch_hf(repo: str) -> Path:
         except EntryNotFoundError:  # the repo exists online but has no such file: try the next name
             continue
         except Exception as exc:  # repository not found, gated, HTTP errors ...
-            raise CheckpointError(f"cannot download hf-hub:{repo} ({type(exc).__name__}: {_first_line(exc)}): check "
-                                  f"the repo name, or log in (`hf auth login`) for a gated repo") from None
+            raise CheckpointError(f"cannot download hf-hub:{repo} ({type(exc).__name__}: {first_line(exc, 160)}): "
+                                  f"check the repo name, or log in (`hf auth login`) for a gated repo") from None
     cache = constants.HF_HUB_CACHE
     if not_cached and constants.is_offline_mode():
         raise CheckpointError(f"hf-hub:{repo} weights are not in the Hugging Face cache ({cache}) and "
@@ -151,8 +147,8 @@ def fetch_url(url: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(dst), progress=True)
     except Exception as exc:  # URLError, HTTPError, timeouts, disk full ...
-        raise CheckpointError(f"cannot download {url} ({type(exc).__name__}: {_first_line(exc)}): check the network, "
-                              f"or put the file at {dst}") from None
+        raise CheckpointError(f"cannot download {url} ({type(exc).__name__}: {first_line(exc, 160)}): check the "
+                              f"network, or put the file at {dst}") from None
     return dst
 
 
