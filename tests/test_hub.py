@@ -137,6 +137,9 @@ def test_url_checkpoint_from_the_torch_hub_cache(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         swinlab.create_model(name, checkpoint=url.replace(".pth", "_other.pth"))
     assert "\n" not in str(err.value) and "put the file at" in str(err.value) and "checkpoints" in str(err.value)
+    assert "OSError: [Errno -3] Temporary failure in name resolution" in str(err.value)  # the cause, quoted
+    with pytest.raises(CheckpointError, match=r"https://example.com/weights/ names no file: give the URL of the "):
+        swinlab.create_model(name, checkpoint="https://example.com/weights/")
 
 
 def test_offline_with_an_empty_cache_is_one_line(hf_cache):
