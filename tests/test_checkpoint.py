@@ -307,7 +307,8 @@ def test_describe_reads_timms_state_dicts_as_the_papers_sizes(name):
 
 def test_describe_reads_the_heads_of_a_v2_without_cosine_attention():
     """The switches can drop V2's logit scale (dot attention) and the q/v biases: the heads then come from the CPB
-    MLP's output layer and the version from the MLP's first layer."""
+    MLP's output layer and the version from the MLP's first layer. Without a position bias they come from the logit
+    scale."""
     from swinlab.models.checkpoint import describe_state_dict
     with torch.device("meta"):
         model = create_model("swinv2_pico_patch2_window4_32", attention="dot", qkv_bias="none")
@@ -315,6 +316,10 @@ def test_describe_reads_the_heads_of_a_v2_without_cosine_attention():
     assert not any(k.endswith(("logit_scale", "q_bias")) for k in sd)
     assert describe_state_dict(sd) == dict(version="v2", embed_dim=16, patch_size=2, depths=[2, 2, 2, 2],
                                            num_heads=[1, 2, 4, 8], window=None)
+    with torch.device("meta"):  # and one with no position bias at all: the heads come from the logit scale
+        sd = create_model("swinv2_pico_patch2_window4_32", position_bias="none").state_dict()
+    assert not any("cpb_mlp" in k or "bias_table" in k for k in sd)
+    assert describe_state_dict(sd)["num_heads"] == [1, 2, 4, 8]
 
 
 def test_bias_table_resize_keeps_the_axes_of_a_non_square_window_and_the_dtype():
