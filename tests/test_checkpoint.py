@@ -320,6 +320,13 @@ def test_describe_reads_the_heads_of_a_v2_without_cosine_attention():
         sd = create_model("swinv2_pico_patch2_window4_32", position_bias="none").state_dict()
     assert not any("cpb_mlp" in k or "bias_table" in k for k in sd)
     assert describe_state_dict(sd)["num_heads"] == [1, 2, 4, 8]
+    # V2's layout is told by any one of its keys: the logit scale alone, or the split q/v biases alone
+    for only, kwargs in (("logit_scale", dict(position_bias="none", qkv_bias="none")),
+                         ("q_bias", dict(attention="dot", position_bias="table", qkv_bias="qv"))):
+        with torch.device("meta"):
+            sd = create_model("swinv2_pico_patch2_window4_32", **kwargs).state_dict()
+        markers = {m for m in ("logit_scale", "q_bias", "cpb_mlp.0.weight") if any(k.endswith(m) for k in sd)}
+        assert markers == {only} and describe_state_dict(sd)["version"] == "v2"
 
 
 def test_bias_table_resize_keeps_the_axes_of_a_non_square_window_and_the_dtype():
