@@ -350,3 +350,46 @@ def test_another_librarys_error_is_quoted_by_its_first_line():
     assert first_line(OSError("disk full\nerrno 28\n")) == "disk full"
     assert first_line(RuntimeError("x" * 300)) == "x" * 200 and first_line(RuntimeError("y" * 300), 160) == "y" * 160
     assert first_line(KeyError()) == "KeyError" and first_line(ValueError("  \n ")) == "ValueError"
+
+
+def test_save_safetensors_metadata_as_the_safetensors_library_reads_it(tmp_path, monkeypatch):
+    """Into folders that do not exist yet; the metadata (read by safetensors itself): format, the variant name (the
+    model's own unless given, empty for a model built from a bare config) and the config as JSON. The write goes
+    through a hidden temporary file beside the target, which is gone afterwards, also when the write fails."""
+    from safetensors import safe_open
+    from safetensors import torch as st_torch
+
+    from swinlab.models import SwinTransformer
+    from swinlab.models.checkpoint import save_safetensors
+    model = create_model("swinv2_pico_patch2_window4_32", num_classes=3)
+    path = tmp_path / "a" / "b" / "m.safetensors"
+    temps = []
+    real = st_torch.save_file
+    monkeypatch.setattr(st_torch, "save_file", lambda s, f, metadata=None: temps.append(f) or real(s, f, metadata))
+    assert save_safetensors(model, path) == path
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "swinlab_model": "swinv2_pico_patch2_window4_32",
+                                "swinlab_config": json.dumps(model.config.to_dict())}
+    tmp = temps[0]
+    assert os.path.dirname(tmp) == str(path.parent) and os.path.basename(tmp).startswith(".m.safetensors.")
+    assert tmp.endswith(".tmp") and sorted(p.name for p in path.parent.iterdir()) == ["m.safetensors"]
+    save_safetensors(model, path, model_name="mine", extra_metadata={"step": "7"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["swinlab_model"] == "mine" and f.metadata()["step"] == "7"
+    save_safetensors(SwinTransformer(model.config), path)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["swinlab_model"] == ""
+    before = path.read_bytes()
+
+    def full(state, filename, metadata=None):
+        with open(filename, "wb") as out:
+            out.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(st_torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"could not write .*m.safetensors \(No space left on device\): any "):
+        save_safetensors(model, path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["m.safetensors"]
+    monkeypatch.setattr(st_torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_safetensors(model, path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["m.safetensors"]
