@@ -265,6 +265,24 @@ def test_analytic_flops_match_the_papers(name, paper_gflops):
     assert abs(model_macs(model) / 1e9 - paper_gflops) / paper_gflops < 0.02
 
 
+@pytest.mark.parametrize("name", ["swin_pico_patch2_window4_32", "swinv2_pico_patch2_window4_32"])
+@pytest.mark.parametrize("size", [None, (36, 28), (30, 30)])
+def test_analytic_macs_equal_torchs_flop_counter(name, size):
+    """``model_macs`` (multiply-adds of every matmul and the patch conv, the V2 CPB MLP included) equals half of what
+    torch's FlopCounterMode counts on the explicit-softmax forward, at the configured size (None) and at sizes whose
+    grids the windows must pad (18 x 14 and 15 x 15 tokens)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = create_model(name, num_classes=7, fused_attn=False).eval()
+    x = torch.randn(1, 3, *(size or model.img_size))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert model_macs(model, size) == counter.get_total_flops() / 2
+    model.reset_classifier(0)  # no head: no head's multiply-adds
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert model_macs(model, size) == counter.get_total_flops() / 2
+
+
 def test_bad_input_gets_one_clear_line():
     with pytest.raises(ConfigError, match="not divisible by the patch size 4") as e:
         create_model("swin_tiny_patch4_window7_224", img_size=225)
