@@ -292,6 +292,16 @@ PAPER_ARCH = {
 }
 
 
+FITS = {  # the registry's variants of the same size and version
+    "swin_tiny_patch4_window7_224": ["swin_tiny_patch4_window7_224"],
+    "swin_base_patch4_window12_384": ["swin_base_patch4_window12_384", "swin_base_patch4_window7_224"],
+    "swinv2_tiny_window8_256": ["swinv2_tiny_window8_256", "swinv2_tiny_window16_256"],
+    "swinv2_base_window12to24_192to384": ["swinv2_base_window8_256", "swinv2_base_window16_256",
+                                          "swinv2_base_window12_192", "swinv2_base_window12to16_192to256",
+                                          "swinv2_base_window12to24_192to384"],
+}
+
+
 @pytest.mark.parametrize("name", list(PAPER_ARCH))
 def test_describe_reads_timms_state_dicts_as_the_papers_sizes(name):
     """timm's model (on meta) with its keys sorted as a safetensors file stores them ("blocks.10" before "blocks.2"):
@@ -302,8 +312,7 @@ def test_describe_reads_timms_state_dicts_as_the_papers_sizes(name):
     sd = dict(sorted(ref.state_dict().items()))
     arch = describe_state_dict(sd)
     assert arch == PAPER_ARCH[name] and type(arch["window"]) is type(PAPER_ARCH[name]["window"])  # 7, not 7.0
-    fits = fitting_variants(sd)
-    assert name in fits and (PAPER_ARCH[name]["window"] is None or fits[0] == name)
+    assert fitting_variants(sd) == FITS[name]  # V1: the same window first; V2's CPB fits every window
 
 
 def test_describe_reads_the_heads_of_a_v2_without_cosine_attention():
@@ -393,3 +402,17 @@ def test_save_safetensors_metadata_as_the_safetensors_library_reads_it(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         save_safetensors(model, path)
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["m.safetensors"]
+
+
+def test_a_v2_checkpoint_moved_to_another_size_keeps_the_windows_its_cpb_was_trained_against(tmp_path):
+    """Moved to 64 px / window 8 (no pretrained window given), a V2 checkpoint's CPB is normalised by the windows it
+    was trained against: its own pretrained windows when it had them (2, 2, 2 and 1 here), else the windows it ran
+    at (4 in stages 0-2; 2 in stage 3, whose 2 x 2 grid clamps the window)."""
+    from swinlab.models import save_safetensors
+    for trained_with, expected in (((2, 2, 2, 1), [[2, 2], [2, 2], [2, 2], [1, 1]]),
+                                   (None, [[4, 4], [4, 4], [4, 4], [2, 2]])):
+        kwargs = {} if trained_with is None else dict(pretrained_window_size=trained_with)
+        path = save_safetensors(create_model("swinv2_pico_patch2_window4_32", num_classes=3, **kwargs),
+                                tmp_path / "m.safetensors")
+        moved = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path), img_size=64, window_size=8)
+        assert moved.config.resolved().pretrained_window_size == expected
