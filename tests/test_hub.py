@@ -70,6 +70,7 @@ def test_tag_pretrained_equals_timm_from_the_same_cache(hf_cache, weights, tag, 
     torch.testing.assert_close(_logits(ours, size), expected, atol=1e-5, rtol=1e-5)
     assert ours.pretrained_cfg["tag"] == "ms_in1k" and ours.pretrained_cfg["input_size"] == (3, size, size)
     assert swinlab.create_model(f"hf-hub:timm/{tag}").pretrained_cfg["tag"] == "ms_in1k"
+    assert swinlab.create_model(f"hf-hub:timm/{tag}@main").pretrained_cfg["tag"] == "ms_in1k"  # a revision too
     # the same weights by every other spelling: architecture + default tag, the tag alone, an alias, hf-hub:
     arch = tag.split(".")[0]
     own = ours.state_dict()
@@ -169,6 +170,8 @@ def test_unknown_tag_and_no_weights_are_one_line():
 
 def test_catalog_lists_the_tags(monkeypatch, capsys):
     assert list_tags("swin_tiny_patch4_window7_224") == ["ms_in1k", "ms_in22k", "ms_in22k_ft_in1k"]
+    # timm's default tag first (what timm.create_model(..., pretrained=True) loads), then the others in order
+    assert list_tags("swin_base_patch4_window7_224") == ["ms_in22k_ft_in1k", "ms_in1k", "ms_in22k"]
     assert list_tags("swinv2_base_window12to16_192to256") == ["ms_in22k_ft_in1k"]
     assert list_tags("swinv2_giant_window12_192") == []
     names = ("swinv2_tiny_window8_256", "swinv2_pico_patch2_window4_32")
@@ -180,3 +183,50 @@ def test_catalog_lists_the_tags(monkeypatch, capsys):
     assert catalog.main([]) == 0
     table = capsys.readouterr().out
     assert "| pretrained tags |" in table and "| 5.94 | ms_in1k |" in table
+
+
+def test_fetch_hf_asks_for_the_revision_then_the_next_file_and_names_each_failure(monkeypatch):
+    """``org/name@rev``: ``hf_hub_download`` is asked for model.safetensors, then pytorch_model.bin, both at that
+    revision. Every way it can fail gives its own line: not cached (offline or not), neither file in the repo, any other
+    error quoted by its first line; a repo id that is not org/name is refused before anything is asked."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    calls, outcomes = [], {}
+
+    def download(repo_id, filename, revision=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        result = outcomes[filename]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    outcomes.update({"model.safetensors": LocalEntryNotFoundError("not cached"), "pytorch_model.bin": "/c/model.bin"})
+    assert str(hub.fetch_hf("org/name@v1.0")) == "/c/model.bin"
+    assert calls == [("org/name", "model.safetensors", "v1.0"), ("org/name", "pytorch_model.bin", "v1.0")]
+    calls.clear()
+    assert str(hub.fetch_hf("org/name")) == "/c/model.bin" and calls[0] == ("org/name", "model.safetensors", None)
+    outcomes["pytorch_model.bin"] = LocalEntryNotFoundError("not cached")
+    for offline, words in ((True, "HF_HUB_OFFLINE=1: run once online"), (False, "the Hub could not be reached")):
+        monkeypatch.setattr(constants, "is_offline_mode", lambda offline=offline: offline)
+        not_cached = f"hf-hub:org/name weights are not in the Hugging Face cache .*{words}"
+        with pytest.raises(CheckpointError, match=not_cached):
+            hub.fetch_hf("org/name")
+    outcomes.update({f: EntryNotFoundError("404") for f in outcomes})
+    with pytest.raises(CheckpointError, match=r"^hf-hub:org/name holds neither of model.safetensors, pytorch_model"):
+        hub.fetch_hf("org/name")
+    outcomes["model.safetensors"] = RuntimeError("401 Client Error\nfor url ...")
+    with pytest.raises(CheckpointError, match=r"cannot download hf-hub:org/name \(RuntimeError: 401 Client Error\): "):
+        hub.fetch_hf("org/name")
+    calls.clear()
+    for bad in ("org/", "/name", "org/name/x", "name"):
+        with pytest.raises(CheckpointError, match="is not a Hugging Face repo id"):
+            hub.fetch_hf(bad)
+    assert calls == []
+
+
+def test_weights_source_prefers_the_hub_copy_then_the_url():
+    assert hub.weights_source({"hf_hub_id": "timm/a.b", "url": "https://x/a.pth"}) == "hf-hub:timm/a.b"
+    assert hub.weights_source({"url": "https://x/a.pth"}) == "https://x/a.pth"
+    with pytest.raises(ConfigError, match=r"^swin_x\.tag_y has no downloadable weights in timm's config"):
+        hub.weights_source({"architecture": "swin_x", "tag": "tag_y", "url": ""})
