@@ -416,3 +416,20 @@ def test_a_v2_checkpoint_moved_to_another_size_keeps_the_windows_its_cpb_was_tra
                                 tmp_path / "m.safetensors")
         moved = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path), img_size=64, window_size=8)
         assert moved.config.resolved().pretrained_window_size == expected
+
+
+def test_safe_torch_load_names_a_missing_file_and_refuses_pickled_code(tmp_path):
+    """A missing path is one line naming it; a file holding a pickled object that is not a tensor container is
+    refused (``weights_only=True``), whatever torch's own default."""
+    from swinlab.models.checkpoint import safe_torch_load
+    with pytest.raises(CheckpointError, match=r"checkpoint .*nope\.pth does not exist: check the path"):
+        safe_torch_load(tmp_path / "nope.pth")
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
+    assert torch.equal(safe_torch_load(tmp_path / "ok.pth")["w"], torch.ones(2))
+    torch.save({"w": torch.ones(2), "obj": PicklePayload()}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"refused to load .*bad\.pth: it holds Python objects"):
+        safe_torch_load(tmp_path / "bad.pth")
+
+
+class PicklePayload:
+    """A class torch.load(weights_only=True) must not construct."""
