@@ -1,6 +1,7 @@
 """Pretrained weights by name (issue #13), offline: a Hugging Face cache and a torch.hub cache built in tmp_path with
 random weights; swinlab's model loaded from them equals timm's loaded from the same cache; one-line errors."""
 import json
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -230,3 +231,34 @@ def test_weights_source_prefers_the_hub_copy_then_the_url():
     assert hub.weights_source({"url": "https://x/a.pth"}) == "https://x/a.pth"
     with pytest.raises(ConfigError, match=r"^swin_x\.tag_y has no downloadable weights in timm's config"):
         hub.weights_source({"architecture": "swin_x", "tag": "tag_y", "url": ""})
+
+
+def test_fetch_routes_hub_names_urls_and_paths(monkeypatch, tmp_path):
+    """``hf-hub:`` names go to the Hugging Face cache, http and https URLs to the torch.hub cache, the rest is a
+    path as given."""
+    seen = []
+    monkeypatch.setattr(hub, "fetch_hf", lambda repo: seen.append(("hf", repo)) or tmp_path / "a")
+    monkeypatch.setattr(hub, "fetch_url", lambda url: seen.append(("url", url)) or tmp_path / "b")
+    assert hub.fetch("hf-hub:org/name@rev") == tmp_path / "a"
+    assert hub.fetch("http://host/w.pth") == hub.fetch("https://host/w.pth") == tmp_path / "b"
+    assert hub.fetch(tmp_path / "local.pth") == tmp_path / "local.pth" and hub.fetch("rel/x.pth") == Path("rel/x.pth")
+    assert seen == [("hf", "org/name@rev"), ("url", "http://host/w.pth"), ("url", "https://host/w.pth")]
+
+
+def test_a_hub_repo_name_stands_for_its_architecture_and_timms_tag():
+    """timm names its repos ``arch.tag``: a tag timm has gives that tag's config (a revision after ``@`` is not part
+    of it); any other suffix is someone's own fine-tune of the architecture."""
+    from swinlab.models.factory import _hub_architecture
+    tiny = "swin_tiny_patch4_window7_224"
+    assert _hub_architecture(f"timm/{tiny}.ms_in22k@main") == f"{tiny}.ms_in22k"
+    assert _hub_architecture(f"timm/{tiny}.ms_in1k") == f"{tiny}.ms_in1k"
+    assert _hub_architecture(f"someone/{tiny}.my_ft") == tiny
+    assert _hub_architecture("someone/swinv2_pico_patch2_window4_32") == "swinv2_pico_patch2_window4_32"
+
+
+def test_count_params_applies_the_overrides_as_timm_does():
+    from swinlab.models import count_params
+    for kwargs in (dict(num_classes=10), dict(num_classes=0), dict(embed_dim=64, num_heads=(2, 4, 8, 16))):
+        with torch.device("meta"):
+            ref = timm.create_model("swin_tiny_patch4_window7_224", **kwargs)
+        assert count_params("v1_t", **kwargs) == sum(p.numel() for p in ref.parameters()), kwargs
