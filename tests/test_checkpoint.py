@@ -427,8 +427,13 @@ def test_safe_torch_load_names_a_missing_file_and_refuses_pickled_code(tmp_path)
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pth")
     assert torch.equal(safe_torch_load(tmp_path / "ok.pth")["w"], torch.ones(2))
     torch.save({"w": torch.ones(2), "obj": PicklePayload()}, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"refused to load .*bad\.pth: it holds Python objects"):
+    with pytest.raises(CheckpointError, match=r"refused to load .*bad\.pth: it holds Python objects") as err:
         safe_torch_load(tmp_path / "bad.pth")
+    assert "(test_checkpoint.PicklePayload); swinlab loads tensors only" in str(err.value)  # what torch refused
+    assert "\x1b" not in str(err.value)
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"cannot read .*cut\.pth \([A-Za-z]+: \S.*\): the file is truncated"):
+        safe_torch_load(tmp_path / "cut.pth")
 
 
 class PicklePayload:

@@ -207,10 +207,13 @@ def test_fetch_hf_asks_for_the_revision_then_the_next_file_and_names_each_failur
     assert calls == [("org/name", "model.safetensors", "v1.0"), ("org/name", "pytorch_model.bin", "v1.0")]
     calls.clear()
     assert str(hub.fetch_hf("org/name")) == "/c/model.bin" and calls[0] == ("org/name", "model.safetensors", None)
-    outcomes["pytorch_model.bin"] = LocalEntryNotFoundError("not cached")
+    outcomes["model.safetensors"] = EntryNotFoundError("404")  # not in the repo: the next name is tried too
+    assert str(hub.fetch_hf("org/name")) == "/c/model.bin"
+    outcomes.update({f: LocalEntryNotFoundError("not cached") for f in outcomes})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/the/hf/cache")
     for offline, words in ((True, "HF_HUB_OFFLINE=1: run once online"), (False, "the Hub could not be reached")):
         monkeypatch.setattr(constants, "is_offline_mode", lambda offline=offline: offline)
-        not_cached = f"hf-hub:org/name weights are not in the Hugging Face cache .*{words}"
+        not_cached = f"hf-hub:org/name weights are not in the Hugging Face cache \\(/the/hf/cache\\) .*{words}"
         with pytest.raises(CheckpointError, match=not_cached):
             hub.fetch_hf("org/name")
     outcomes.update({f: EntryNotFoundError("404") for f in outcomes})

@@ -65,6 +65,18 @@ def _saved_config(saved: Any, path: Path) -> Optional[SwinConfig]:
                               f"re-export it, or load its weights by name without the metadata") from None
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def unpickling_reason(exc: BaseException) -> str:
+    """What a ``weights_only`` load refused: the dotted name of the class or function torch would not build (torch's
+    message opens with a generic paragraph, with terminal colour codes, and names it further down)."""
+    found = _UNSAFE_GLOBAL.search(str(exc))
+    if found:
+        return found.group(1)
+    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc, 120))
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` with one-line errors: a pickle payload is refused (and never runs), a
     truncated or foreign file is named as such."""
@@ -76,7 +88,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects that only unpickling could build "
-            f"({first_line(exc, 120)}); swinlab loads tensors only: save model.state_dict() or safetensors"
+            f"({unpickling_reason(exc)}); swinlab loads tensors only: save model.state_dict() or safetensors"
         ) from None
     except Exception as exc:  # truncated zip, foreign format, KeyError from a malformed archive, ...
         raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {first_line(exc)}): the file is truncated "

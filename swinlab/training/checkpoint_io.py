@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from ..errors import CheckpointError, first_line
-from ..models.checkpoint import safe_torch_load
+from ..errors import CheckpointError
+from ..models.checkpoint import safe_torch_load, unpickling_reason
 
 
 def _is_local(path: Any) -> bool:
@@ -136,7 +136,7 @@ def _torch_load_checked(source: Any) -> None:
             torch.load(source, map_location="cpu", weights_only=True,
                        mmap=not isinstance(source, io.BytesIO) and zipfile.is_zipfile(source))
     except pickle.UnpicklingError as exc:
-        raise _Unsafe(first_line(exc)) from None
+        raise _Unsafe(unpickling_reason(exc)) from None
 
 
 def check_checkpoint_folder(path: str | os.PathLike) -> None:
