@@ -17,14 +17,21 @@ from swinlab.models import SwinConfig, create_model, read_checkpoint, save_safet
 
 
 def to_official(state_dict, model):
-    """timm layout -> microsoft/Swin-Transformer layout, buffers included, wrapped in {'model': ...}."""
+    """timm layout -> microsoft/Swin-Transformer layout, wrapped in {'model': ...}, with the persistent buffers the
+    official code saves placed as it saves them: right after their module's first parameter (the index after the bias
+    table, the block's mask after its first norm), not at the end."""
+    buffers = {}  # module -> its buffers
+    for name, buf in model.named_buffers():
+        if name.endswith(("relative_position_index", "attn_mask", "relative_coords_table")):
+            buffers.setdefault(name.rsplit(".", 1)[0] + ".", []).append((name, buf.clone()))
     out = {}
     for k, v in state_dict.items():
-        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
-        out[k.replace("head.fc.", "head.")] = v
-    for name, buf in model.named_buffers():  # the persistent buffers the official code saves
-        if name.endswith(("relative_position_index", "attn_mask", "relative_coords_table")):
-            out[re.sub(r"^layers\.(\d+)\.downsample", "", name)] = buf.clone()
+        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        out[key.replace("head.fc.", "head.")] = v
+        for module in [m for m in buffers if k.startswith(m)]:
+            out.update(buffers.pop(module))
+    for rest in buffers.values():
+        out.update(rest)
     return {"model": out, "epoch": 299, "config": "swin_tiny.yaml"}
 
 
@@ -438,3 +445,46 @@ def test_safe_torch_load_names_a_missing_file_and_refuses_pickled_code(tmp_path)
 
 class PicklePayload:
     """A class torch.load(weights_only=True) must not construct."""
+
+
+def test_num_classes_come_from_the_checkpoints_head_in_either_layout(tmp_path):
+    """Without num_classes, a checkpoint's classifier sets it: swinlab/timm's ``head.fc`` or the official ``head``.
+    An official backbone without a head (its downsample still at the end of each stage) loads into a feature
+    extractor with every weight equal, and a headless timm state dict keeps the variant's default head."""
+    name = "swin_pico_patch2_window4_32"
+    src = randomize_(timm_twin(name, num_classes=7))
+    torch.save(src.state_dict(), tmp_path / "timm.pth")
+    torch.save(to_official(src.state_dict(), src), tmp_path / "official.pth")
+    for file in ("timm.pth", "official.pth"):
+        model = create_model(name, checkpoint=str(tmp_path / file))
+        assert model.num_classes == 7 and torch.equal(model.head.fc.weight, src.head.fc.weight), file
+    official = to_official(src.state_dict(), src)["model"]
+    backbone = {k: v for k, v in official.items() if not k.startswith("head.")}
+    torch.save(backbone, tmp_path / "backbone.pth")
+    features = create_model(name, checkpoint=str(tmp_path / "backbone.pth"), num_classes=0)
+    mine = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(features.state_dict()[k], v) for k, v in mine.items())
+    torch.save(mine, tmp_path / "headless.pth")
+    with pytest.warns(UserWarning, match="has no classifier head"):
+        default = create_model(name, checkpoint=str(tmp_path / "headless.pth"))
+    assert default.num_classes == create_model(name).num_classes
+
+
+def test_a_head_of_another_size_is_reinitialised_only_when_asked(tmp_path):
+    """num_classes given (reset_head): the head is replaced and a warning names both sizes; loading the same
+    state dict directly without reset_head refuses the mismatch and names the model."""
+    from swinlab.models import load_into_model
+    name = "swin_pico_patch2_window4_32"
+    src = randomize_(timm_twin(name, num_classes=7))
+    torch.save(src.state_dict(), tmp_path / "seven.pth")
+    with pytest.warns(UserWarning, match=r"classifier head has 7 classes, the model 3: head re-initialised"):
+        three = create_model(name, checkpoint=str(tmp_path / "seven.pth"), num_classes=3)
+    assert three.num_classes == 3 and torch.equal(three.patch_embed.proj.weight, src.patch_embed.proj.weight)
+    target = create_model(name, num_classes=3)
+    with pytest.raises(CheckpointError, match=rf"does not fit {name} \(2 shape mismatches.*only the classifier "
+                                              r"differs \(7 classes in the checkpoint\): create the model with "
+                                              r"num_classes=7, or load with reset_head=True"):
+        load_into_model(target, src.state_dict(), source=target.config)
+    same = create_model(name, num_classes=7)
+    load_into_model(same, src.state_dict(), source=same.config)  # same head size: loaded, not reset
+    assert torch.equal(same.head.fc.weight, src.head.fc.weight)

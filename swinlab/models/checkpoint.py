@@ -244,6 +244,9 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
         fits = [f for f in fitting_variants(sd) if f != name]
         hint = (f"it fits {', '.join(fits[:3])}: create that model instead" if fits
                 else "no registered variant fits it: check the checkpoint")
+        if not missing and not unexpected and all(k.startswith("head.fc.") for k in shapes):
+            hint = (f"only the classifier differs ({hw.shape[0]} classes in the checkpoint): create the model with "
+                    f"num_classes={hw.shape[0]}, or load with reset_head=True to re-initialise it")
         raise CheckpointError(f"checkpoint {checkpoint} does not fit {name} "
                               f"({len(shapes)} shape mismatches, {len(missing)} missing, {len(unexpected)} unexpected "
                               f"keys; first: {'; '.join(problems)}); {hint}")
