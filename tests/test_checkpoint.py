@@ -100,6 +100,22 @@ def test_v1_transfer_is_the_official_bicubic_formula(tmp_path):
         assert torch.isfinite(big.eval()(torch.randn(1, 3, 64, 64))).all()
 
 
+def test_v1_transfer_of_a_non_square_window_resizes_each_axis(tmp_path):
+    """Window (2, 4) -> (4, 8) at 32 px: stage 0's (3 x 7) table becomes (7 x 15) by the official bicubic formula,
+    written out here per axis; stage 3 (a 2 x 2 grid, its window clamped in both models) is carried over as is."""
+    name = "swin_pico_patch2_window4_32"
+    src = randomize_(create_model(name, window_size=(2, 4)))
+    path = save_safetensors(src, tmp_path / "v1.safetensors", name)
+    wide = create_model(name, checkpoint=str(path), window_size=(4, 8))
+    key = "layers.0.blocks.1.attn.relative_position_bias_table"
+    old = src.state_dict()[key]
+    heads = old.shape[1]
+    expected = F.interpolate(old.permute(1, 0).reshape(1, heads, 3, 7), size=(7, 15), mode="bicubic")
+    torch.testing.assert_close(wide.state_dict()[key], expected.reshape(heads, 7 * 15).permute(1, 0))
+    last = "layers.3.blocks.0.attn.relative_position_bias_table"
+    assert torch.equal(wide.state_dict()[last], src.state_dict()[last])
+
+
 def test_swinlab_and_lightning_checkpoints_round_trip(tmp_path):
     src = randomize_(create_model("swinv2_pico_patch2_window4_32", num_classes=7)).eval()
     x = torch.randn(2, 3, 32, 32)
