@@ -25,7 +25,6 @@ BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_tabl
 ANCHOR = "patch_embed.proj.weight"
 
 
-
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a checkpoint file into (backbone state_dict with its prefix removed, swinlab metadata). The metadata of a
     swinlab safetensors file or Lightning checkpoint is ``{"model": registry name, "config": SwinConfig}``; other
