@@ -459,6 +459,21 @@ def test_safe_torch_load_names_a_missing_file_and_refuses_pickled_code(tmp_path)
         safe_torch_load(tmp_path / "cut.pth")
 
 
+def test_unpickling_reason_is_the_refused_name_or_the_first_line_without_colour_codes():
+    """torch names what ``weights_only`` refused in an "Unsupported global: GLOBAL <name>" line; any other refusal is
+    quoted by its first line, cut to 120 characters, with the terminal colour codes torch puts there taken out."""
+    import pickle
+
+    from swinlab.models.checkpoint import unpickling_reason
+    named = pickle.UnpicklingError("\x1b[1mWeights only load failed.\x1b[0m Re-running ...\nWeightsUnpickler error: "
+                                   "Unsupported global: GLOBAL posix.system was not an allowed global")
+    assert unpickling_reason(named) == "posix.system"
+    head = "\x1b[1mWeights only load failed.\x1b[0m \x1b[31;1m"  # 41 characters, 15 of them colour codes
+    other = pickle.UnpicklingError(head + "y" * 200 + "\nWeightsUnpickler error: Unsupported operand 149")
+    # cut to 120 first (79 of the y), then the colour codes come out
+    assert unpickling_reason(other) == "Weights only load failed. " + "y" * (120 - 41)
+
+
 class PicklePayload:
     """A class torch.load(weights_only=True) must not construct."""
 
