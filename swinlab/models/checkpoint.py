@@ -191,8 +191,9 @@ def fitting_variants(state_dict: Dict[str, torch.Tensor]) -> List[str]:
 
 
 def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor], *, source: SwinConfig,
-                    checkpoint: str = "checkpoint", reset_head: bool = False) -> None:
-    """Load weights saved at ``source`` geometry into ``model`` (possibly another size/window)."""
+                    checkpoint: str = "<state dict>", reset_head: bool = False) -> None:
+    """Load weights saved at ``source`` geometry into ``model`` (possibly another size/window); ``checkpoint`` names
+    the weights in errors and warnings."""
     sd = remap_state_dict(state_dict)
     own = model.state_dict()
     name = getattr(model, "variant_name", "the model")
@@ -214,11 +215,7 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
         warnings.warn(f"{checkpoint} has no classifier head (a pretrained backbone): head initialised for "
                       f"{model.num_classes} classes, all other weights loaded", stacklevel=3)
 
-    n = len(model.layers)
-    try:
-        src_geo = stage_geometry(source.img_size, source.patch_size, source.window_size, n)
-    except Exception:
-        src_geo = None
+    src_geo = stage_geometry(source.img_size, source.patch_size, source.window_size, len(model.layers))
     for k in list(sd):
         if not k.endswith("relative_position_bias_table") or k not in own:
             continue
@@ -226,8 +223,8 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
             continue
         stage, block = int(k.split(".")[1]), int(k.split(".")[3])
         dst = model.layers[stage].blocks[block].attn.window
-        src = src_geo[stage]["window"] if src_geo else None
-        if src is None or (2 * src[0] - 1) * (2 * src[1] - 1) != sd[k].shape[0]:
+        src = src_geo[stage]["window"]
+        if (2 * src[0] - 1) * (2 * src[1] - 1) != sd[k].shape[0]:  # saved at another window: read it off a square table
             side = int(round(sd[k].shape[0] ** 0.5))
             src = ((side + 1) // 2,) * 2
         if (2 * src[0] - 1) * (2 * src[1] - 1) == sd[k].shape[0]:
