@@ -177,9 +177,28 @@ def test_metadata_that_is_not_a_model_config_is_one_line(tmp_path):
     ckpt = tmp_path / "odd.ckpt"
     torch.save({"state_dict": create_model("v1_pico").state_dict(),
                 "swinlab": {"model": "swin_pico_patch2_window4_32", "config": {"img_size": 32, "colour": "red"}}}, ckpt)
-    with pytest.raises(CheckpointError, match="not a model config .*colour") as e:
+    with pytest.raises(CheckpointError, match=r"^\S*odd\.ckpt has swinlab metadata that is not a model config .*colour"
+                       ) as e:
         create_model("v1_pico", checkpoint=str(ckpt))
     assert "\n" not in str(e.value)
+
+
+def test_a_file_without_swin_weights_is_named_and_deepspeeds_module_wrapper_is_opened(tmp_path):
+    """Errors name the file and what it holds; the weights are found under Lightning's ``state_dict``, the official
+    ``model`` and DeepSpeed's ``module`` (its mp_rank_00_model_states.pt), with any module prefix dropped."""
+    from swinlab.models.checkpoint import read_checkpoint
+    torch.save([torch.ones(1)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=r"^\S*list\.pth holds a list, not a state dict: save model\.state_dict"):
+        read_checkpoint(tmp_path / "list.pth")
+    torch.save({"weight": torch.ones(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"^no Swin weights in \S*other\.pth \(no key ending in "
+                                              r"'patch_embed\.proj\.weight'\): is this a Swin checkpoint\?$"):
+        read_checkpoint(tmp_path / "other.pth")
+    sd = randomize_(create_model("v1_pico")).state_dict()
+    for wrapper in ("state_dict", "model", "module"):
+        torch.save({wrapper: {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}}, tmp_path / "w.pt")
+        loaded, _ = read_checkpoint(tmp_path / "w.pt")
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], v) for k, v in sd.items()), wrapper
 
 
 def test_fine_tune_head_is_reinitialised_when_num_classes_changes(tmp_path):
@@ -228,8 +247,9 @@ def test_truncated_and_missing_files_get_one_line(tmp_path):
     good = save_safetensors(create_model("v1_pico"), tmp_path / "w.safetensors")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated"):
-        create_model("v1_pico", checkpoint=str(cut))
+    with pytest.raises(CheckpointError, match=r"cannot read .*cut\.safetensors as safetensors \(Error while "
+                                              r"deserializing header: .*\): the file is truncated"):
+        create_model("v1_pico", checkpoint=str(cut))  # the safetensors library's own first line, quoted
     torch.save(create_model("v1_pico").state_dict(), tmp_path / "w.pth")
     data = (tmp_path / "w.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])

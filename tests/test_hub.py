@@ -140,6 +140,13 @@ def test_url_checkpoint_from_the_torch_hub_cache(tmp_path, monkeypatch):
         swinlab.create_model(name, checkpoint=url.replace(".pth", "_other.pth"))
     assert "\n" not in str(err.value) and "put the file at" in str(err.value) and "checkpoints" in str(err.value)
     assert "OSError: [Errno -3] Temporary failure in name resolution" in str(err.value)  # the cause, quoted
+
+    def long_error(u, dst, *args, **kwargs):
+        raise OSError("y" * 300)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", long_error)
+    with pytest.raises(CheckpointError, match=rf"\(OSError: {'y' * 160}\): check the "):  # cut to 160 characters
+        swinlab.create_model(name, checkpoint=url.replace(".pth", "_other.pth"))
     with pytest.raises(CheckpointError, match=r"https://example.com/weights/ names no file: give the URL of the "):
         swinlab.create_model(name, checkpoint="https://example.com/weights/")
 
@@ -222,6 +229,9 @@ def test_fetch_hf_asks_for_the_revision_then_the_next_file_and_names_each_failur
     outcomes["model.safetensors"] = RuntimeError("401 Client Error\nfor url ...")
     with pytest.raises(CheckpointError, match=r"cannot download hf-hub:org/name \(RuntimeError: 401 Client Error\): "):
         hub.fetch_hf("org/name")
+    outcomes["model.safetensors"] = RuntimeError("x" * 300)  # a long first line is cut to 160 characters
+    with pytest.raises(CheckpointError, match=rf"cannot download hf-hub:org/name \(RuntimeError: {'x' * 160}\): "):
+        hub.fetch_hf("org/name")
     calls.clear()
     for bad in ("org/", "/name", "org/name/x", "name"):
         with pytest.raises(CheckpointError, match="is not a Hugging Face repo id"):
@@ -265,3 +275,10 @@ def test_count_params_applies_the_overrides_as_timm_does():
         with torch.device("meta"):
             ref = timm.create_model("swin_tiny_patch4_window7_224", **kwargs)
         assert count_params("v1_t", **kwargs) == sum(p.numel() for p in ref.parameters()), kwargs
+
+
+def test_remote_checkpoints_are_hf_hub_ids_and_http_or_https_urls():
+    for text in ("hf-hub:org/name", "http://example.com/w.pth", "https://example.com/w.pth"):
+        assert hub.is_remote(text), text
+    for text in ("w.pth", "/data/http://w.pth", "runs/hf-hub:org/name", "ftp://example.com/w.pth", "HTTP"):
+        assert not hub.is_remote(text), text
