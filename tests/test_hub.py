@@ -277,8 +277,12 @@ def test_count_params_applies_the_overrides_as_timm_does():
         assert count_params("v1_t", **kwargs) == sum(p.numel() for p in ref.parameters()), kwargs
 
 
-def test_remote_checkpoints_are_hf_hub_ids_and_http_or_https_urls():
-    for text in ("hf-hub:org/name", "http://example.com/w.pth", "https://example.com/w.pth"):
-        assert hub.is_remote(text), text
-    for text in ("w.pth", "/data/http://w.pth", "runs/hf-hub:org/name", "ftp://example.com/w.pth", "HTTP"):
-        assert not hub.is_remote(text), text
+
+def test_create_model_refuses_a_name_that_is_not_a_string_and_weights_given_twice_for_an_hf_hub_name():
+    from swinlab.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^model name must be a string, got 3$"):
+        swinlab.create_model(3)
+    for kwargs in (dict(checkpoint="w.pth"), dict(pretrained=True)):
+        with pytest.raises(ConfigError, match=r"^hf-hub:org/name already names its weights: drop "
+                                              r"checkpoint=/pretrained=$"):
+            swinlab.create_model("hf-hub:org/name", **kwargs)

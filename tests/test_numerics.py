@@ -294,6 +294,10 @@ def test_shift_mask_equals_timms_block_mask():
     ref16 = TimmV1Block(dim=16, input_resolution=(16, 16), num_heads=1, window_size=4, shift_size=2)
     assert torch.equal(model.layers[0].blocks[1].attn_mask, ref16.attn_mask)
     assert model.layers[0].blocks[0].attn_mask is None  # even blocks are not shifted
+    # non-square windows and shifts, on grids of 2-4 windows per side
+    for res, window, shift in (((8, 16), (2, 4), (1, 2)), ((16, 8), (4, 2), (2, 1)), ((12, 12), (2, 4), (1, 1))):
+        ref = TimmV1Block(dim=8, input_resolution=res, num_heads=2, window_size=window, shift_size=shift)
+        assert torch.equal(shift_mask(res, window, shift), ref.attn_mask), (res, window, shift)
 
 
 def test_stage_geometry_by_hand():

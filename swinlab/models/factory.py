@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Sequence, Union
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import infer_num_classes, load_into_model, read_checkpoint
 from .config import RUNTIME_FIELDS, SwinConfig, per_stage
-from .hub import HF_PREFIX, build_pretrained_cfg, fetch, is_remote, list_tags, resolve_tag, split_tag, weights_source
+from .hub import HF_PREFIX, build_pretrained_cfg, fetch, list_tags, resolve_tag, split_tag, weights_source
 from .registry import get_variant
 from .swin import SwinTransformer, stage_geometry
 
@@ -87,7 +87,7 @@ def create_model(
     source = variant.config
     state_dict = None
     if checkpoint is not None:
-        state_dict, meta = read_checkpoint(fetch(checkpoint) if is_remote(checkpoint) else checkpoint)
+        state_dict, meta = read_checkpoint(fetch(checkpoint))  # a local path is returned as it is
         saved: Optional[SwinConfig] = meta.get("config")
         if saved is not None:  # a swinlab file knows the geometry it was saved at
             given = {k: v for k, v in overrides.items() if k in ARCHITECTURE_FIELDS}  # e.g. a narrower embed_dim

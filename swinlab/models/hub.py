@@ -79,11 +79,6 @@ def weights_source(cfg: Dict[str, Any]) -> str:
 # Fetching: hf-hub repos and URLs into their caches
 # ----------------------------------------------------------------------------------------------------------------
 
-def is_remote(checkpoint: Union[str, os.PathLike]) -> bool:
-    text = str(checkpoint)
-    return text.startswith(HF_PREFIX) or text.startswith(("http://", "https://"))
-
-
 def fetch(checkpoint: Union[str, os.PathLike]) -> Path:
     """A local file for ``checkpoint``: ``hf-hub:org/repo[@revision]`` through the Hugging Face cache, an
     ``http(s)://`` URL through the torch.hub cache, anything else as the path it is."""
