@@ -312,12 +312,27 @@ def test_a_checkpoint_of_a_changed_width_loads_with_the_same_settings_only(tmp_p
     path = save_safetensors(model, tmp_path / "narrow.safetensors", name)
     again = create_model(name, checkpoint=str(path), window_size=8, **narrow)
     assert torch.equal(again.head.fc.weight, model.head.fc.weight) and again.config.embed_dim == 8
-    with pytest.raises(CheckpointError, match=r"whose embed_dim, depths, num_heads differ from "
-                                              r"'swinv2_pico_patch2_window4_32': create it with model="):
+    with pytest.raises(CheckpointError) as err:
         create_model(name, checkpoint=str(path))
-    with pytest.raises(CheckpointError, match=r"whose depths, num_heads differ from .swinv2_pico_patch2_window4_32. "
-                                              r"with \{'embed_dim': 8\}: .* and the same settings"):
+    assert str(err.value) == (f"checkpoint {path} was saved from '{name}', whose embed_dim, depths, num_heads differ "
+                              f"from '{name}': create it with model='{name}'")
+    with pytest.raises(CheckpointError) as err:
         create_model(name, checkpoint=str(path), embed_dim=8)
+    assert str(err.value) == (f"checkpoint {path} was saved from '{name}', whose depths, num_heads differ from "
+                              f"'{name}' with {{'embed_dim': 8}}: create it with model='{name}' and the same settings")
+    # saved without a variant name (a model built from a config): the fix is the saved values
+    from swinlab.models import SwinTransformer
+    unnamed = save_safetensors(SwinTransformer(model.config), tmp_path / "unnamed.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        create_model(name, checkpoint=str(unnamed), embed_dim=8)
+    assert str(err.value) == (f"checkpoint {unnamed} was saved from another model, whose depths, num_heads differ "
+                              f"from '{name}' with {{'embed_dim': 8}}: create it with depths=[1, 1, 1, 1], "
+                              f"num_heads=[1, 1, 1, 1]")
+    # a plain state dict of another width: refused by the loader, which names the file
+    torch.save(model.state_dict(), tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(tmp_path / 'narrow.pth'))} does not fit "
+                                              rf"{name} \("):
+        create_model(name, checkpoint=str(tmp_path / "narrow.pth"))
 
 
 # -- what a checkpoint is, read off its state dict (the "which variant fits" error of a wrong checkpoint) -------------
@@ -457,8 +472,9 @@ def test_a_v2_checkpoint_moved_to_another_size_keeps_the_windows_its_cpb_was_tra
         kwargs = {} if trained_with is None else dict(pretrained_window_size=trained_with)
         path = save_safetensors(create_model("swinv2_pico_patch2_window4_32", num_classes=3, **kwargs),
                                 tmp_path / "m.safetensors")
-        moved = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path), img_size=64, window_size=8)
-        assert moved.config.resolved().pretrained_window_size == expected
+        for move in (dict(img_size=64, window_size=8), dict(img_size=64), dict(window_size=8)):  # either one moves it
+            moved = create_model("swinv2_pico_patch2_window4_32", checkpoint=str(path), **move)
+            assert moved.config.resolved().pretrained_window_size == expected, move
 
 
 def test_safe_torch_load_names_a_missing_file_and_refuses_pickled_code(tmp_path):

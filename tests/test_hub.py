@@ -278,7 +278,7 @@ def test_count_params_applies_the_overrides_as_timm_does():
 
 
 
-def test_create_model_refuses_a_name_that_is_not_a_string_and_weights_given_twice_for_an_hf_hub_name():
+def test_create_model_refuses_a_name_that_is_not_a_string_weights_given_twice_and_stray_out_indices():
     from swinlab.errors import ConfigError
     with pytest.raises(ConfigError, match=r"^model name must be a string, got 3$"):
         swinlab.create_model(3)
@@ -286,3 +286,6 @@ def test_create_model_refuses_a_name_that_is_not_a_string_and_weights_given_twic
         with pytest.raises(ConfigError, match=r"^hf-hub:org/name already names its weights: drop "
                                               r"checkpoint=/pretrained=$"):
             swinlab.create_model("hf-hub:org/name", **kwargs)
+    with pytest.raises(ConfigError, match=r"^out_indices is for features_only=True models: add features_only=True, "
+                                          r"or drop it$"):
+        swinlab.create_model("v1_pico", out_indices=(1, 2))

@@ -95,10 +95,12 @@ def create_model(
             mismatched = [k for k in ARCHITECTURE_FIELDS if getattr(theirs, k) != getattr(ours, k)]
             if mismatched:
                 asked = f"{name!r} with {given}" if given else repr(name)
+                saved_from = meta.get("model")  # None in a file saved without a variant name
+                fix = (f"model={saved_from!r}{' and the same settings' if given else ''}" if saved_from
+                       else ", ".join(f"{k}={getattr(saved, k)!r}" for k in mismatched))
                 raise CheckpointError(
-                    f"checkpoint {checkpoint} was saved from {meta.get('model', 'another model')!r}, whose "
-                    f"{', '.join(mismatched)} differ from {asked}: create it with model={meta.get('model')!r}"
-                    f"{' and the same settings' if given else ''}")
+                    f"checkpoint {checkpoint} was saved from {repr(saved_from) if saved_from else 'another model'}, "
+                    f"whose {', '.join(mismatched)} differ from {asked}: create it with {fix}")
             source = saved.replace(**{k: getattr(variant.config, k) for k in RUNTIME_FIELDS})
     changes = dict(overrides)
     if img_size is not None:
