@@ -227,3 +227,21 @@ def test_reset_classifier_takes_timms_avg_pool_and_updates_the_pretrained_cfg():
     assert model.head.fc.out_features == 5 and model.pretrained_cfg == dict(cfg, num_classes=5)
     with pytest.raises(ConfigError, match="global_pool='max': swinlab's head pools by average only, use 'avg'"):
         model.reset_classifier(5, "max")
+
+
+def test_a_name_timm_lacks_gets_timms_swin_pretrained_cfg_with_its_own_size_and_no_weights():
+    """swin_pico is not in timm: its pretrained_cfg is timm's Swin-T config (the reference, read from timm) for every
+    preprocessing field, no weights to download (empty url, no hf_hub_id, no tag) and the model's own size."""
+    from swinlab.models.hub import build_pretrained_cfg
+    ref = timm.create_model("swin_tiny_patch4_window7_224.ms_in1k", pretrained=False).pretrained_cfg
+    model = swinlab.create_model("swin_pico_patch2_window4_32", num_classes=10)
+    ours = model.pretrained_cfg
+    same = ("crop_pct", "crop_mode", "interpolation", "fixed_input_size", "mean", "std", "first_conv", "classifier",
+            "license")
+    assert {k: ours[k] for k in same} == {k: ref[k] for k in same}
+    mine = dict(url="", hf_hub_id=None, architecture="swin_pico_patch2_window4_32", tag=None, input_size=(3, 32, 32),
+                pool_size=(2, 2), num_classes=10)
+    assert ours == {**{k: ref[k] for k in same}, **mine} and all(type(v) is int for v in ours["pool_size"])
+    assert build_pretrained_cfg(model.config, tag="x")["architecture"] is None
+    assert build_pretrained_cfg(model.config, "a", "t", num_classes=3) == {**ours, "architecture": "a", "tag": "t",
+                                                                        "num_classes": 3}

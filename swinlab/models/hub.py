@@ -170,6 +170,4 @@ def build_pretrained_cfg(config: Any, arch: Optional[str] = None, tag: Optional[
     reduction = config.patch_size * 2 ** (len(config.depths) - 1)
     cfg.update(input_size=(config.in_chans, h, w), pool_size=(h // reduction, w // reduction),
                num_classes=config.num_classes if num_classes is None else num_classes)
-    if base and tuple(base.get("input_size", ())) != cfg["input_size"]:
-        cfg.pop("test_input_size", None)  # timm's test size belongs to the tag's resolution, not this one
     return cfg
