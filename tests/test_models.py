@@ -301,3 +301,69 @@ def test_bad_input_gets_one_clear_line():
 def test_public_api():
     assert swinlab.create_model is create_model and "swinv2_tiny_window8_256" in swinlab.list_models()
     assert "v2_g" in swinlab.list_models(include_aliases=True)
+
+
+@pytest.mark.parametrize("name", ["swin_pico_patch2_window4_32", "swinv2_pico_patch2_window4_32"])
+def test_dropout_and_stochastic_depth_sit_where_timms_do(name):
+    """drop_rate (head), proj_drop_rate (projections, MLP), attn_drop_rate and drop_path_rate reach the same modules
+    with the same probabilities as in timm's model built with the same rates; a one-class head is a Linear, as in
+    timm."""
+    from timm.layers import DropPath
+    rates = dict(drop_rate=0.1, proj_drop_rate=0.15, attn_drop_rate=0.2, drop_path_rate=0.3)
+
+    def probs(model):
+        out = {}
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Dropout) and m.p > 0 and not n.endswith("attn_drop"):
+                out[n] = m.p  # attention dropout: a Dropout in timm, dropout_p of SDPA here (checked below)
+            elif isinstance(m, DropPath) and m.drop_prob > 0:
+                out[n] = m.drop_prob
+        return out
+
+    ours, ref = swinlab.create_model(name, **rates), timm_twin(name, **rates)
+    assert probs(ours) == pytest.approx(probs(ref)) and len(probs(ours)) > 0
+    attn_p = {m.attn_drop.p if isinstance(m.attn_drop, torch.nn.Module) else m.attn_drop
+              for n, m in ours.named_modules() if n.endswith(".attn")}
+    assert attn_p == {0.2}
+    one = swinlab.create_model(name, num_classes=1)
+    assert isinstance(one.head.fc, torch.nn.Linear) and one.head.fc.out_features == 1
+    assert one(torch.randn(2, 3, 32, 32)).shape == (2, 1)
+    assert not any(stage.grad_checkpointing for stage in ours.layers)  # off unless asked, as in timm
+
+
+def test_extra_norm_period_one_puts_a_norm_after_every_block():
+    """A LayerNorm every N blocks, counted within each stage (SwinV2-H/G: N = 6); N = 1 is every block, 0 none."""
+    for period, expected in ((1, [True, True]), (2, [False, True]), (0, [False, False])):
+        model = swinlab.create_model("swinv2_pico_patch2_window4_32", extra_norm_period=period)
+        assert [hasattr(b, "norm3") for b in model.layers[0].blocks] == expected, period
+
+
+def test_the_shift_mask_at_the_built_size_is_the_buffer_not_a_second_copy():
+    """At the size the model was built for, every shifted block attends with its ``attn_mask`` buffer; the per-size
+    cache stays empty (no mask recomputed or kept twice). A run-time size fills the cache once."""
+    model = swinlab.create_model("swin_pico_patch2_window4_32").eval()
+    shifted = [b for stage in model.layers for b in stage.blocks if b.attn_mask is not None]
+    assert shifted
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        assert all(b._mask_cache == {} for b in shifted)
+        model(torch.randn(1, 3, 48, 48))
+        model(torch.randn(1, 3, 48, 48))
+    assert sum(len(b._mask_cache) for stage in model.layers for b in stage.blocks) > 0
+    assert all(len(b._mask_cache) <= 1 for stage in model.layers for b in stage.blocks)
+
+
+def test_an_unknown_name_suggests_at_most_three_close_names():
+    from swinlab.models.registry import get_variant
+    with pytest.raises(ConfigError) as err:
+        get_variant("swin_tiny_patch4_window7_22")
+    msg = str(err.value)
+    head, _, rest = msg.partition(": did you mean ")
+    assert head == "unknown model 'swin_tiny_patch4_window7_22'"
+    names, _, tail = rest.partition("? ")
+    assert names.split(", ")[0] == "swin_tiny_patch4_window7_224" and len(names.split(", ")) == 3
+    assert tail == "(swinlab.list_models() or `python -m swinlab models` lists all)"
+    with pytest.raises(ConfigError, match=r"^unknown model 'zzzz': \(swinlab\.list_models\(\) or"):
+        get_variant("zzzz")
+    with pytest.raises(ConfigError, match=r"^model name must be a string, got None$"):
+        get_variant(None)
