@@ -367,3 +367,21 @@ def test_an_unknown_name_suggests_at_most_three_close_names():
         get_variant("zzzz")
     with pytest.raises(ConfigError, match=r"^model name must be a string, got None$"):
         get_variant(None)
+
+
+
+def test_a_small_run_time_input_is_not_shifted_where_an_axis_holds_one_window():
+    """Built at 32 px (shift 2 in stages 0-2) and run at 8 px, every stage's grid fits one window on both axes:
+    the output equals that of a copy whose shifts are set to zero by hand (timm's rule: no shift along an axis that
+    holds a single window). At 8 x 16 px stage 0 (4 x 8 tokens) still shifts along W only."""
+    import copy
+    model = randomize_(swinlab.create_model("swin_pico_patch2_window4_32")).eval()
+    unshifted = copy.deepcopy(model)
+    for stage in unshifted.layers:
+        for block in stage.blocks:
+            block.shift = (0, 0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unshifted(x), atol=1e-6, rtol=1e-6)
+        wide = torch.randn(2, 3, 8, 16)
+        assert not torch.allclose(model(wide), unshifted(wide), atol=1e-4)  # W holds two windows in stage 0
