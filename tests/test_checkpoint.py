@@ -296,6 +296,12 @@ def test_integer_weights_are_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError) as err:
         create_model("swin_pico_patch2_window4_32", num_classes=3, checkpoint=str(tmp_path / "int8.safetensors"))
     assert "torch.int8 values for floating-point weights" in str(err.value) and "\n" not in str(err.value)
+    # one uint8 tensor among floats: the count and the first offending key (safetensors sorts its keys)
+    one = dict(src.state_dict(), **{"norm.weight": torch.zeros(src.num_features, dtype=torch.uint8)})
+    save_file(one, str(tmp_path / "one.safetensors"))
+    with pytest.raises(CheckpointError, match=r"holds torch\.uint8 values for floating-point weights \(1 tensors, "
+                                              r"first norm\.weight\)"):
+        create_model("swin_pico_patch2_window4_32", num_classes=3, checkpoint=str(tmp_path / "one.safetensors"))
     half = {k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()}
     save_file(half, str(tmp_path / "half.safetensors"))  # half precision is a float: loaded (and cast)
     create_model("swin_pico_patch2_window4_32", num_classes=3, checkpoint=str(tmp_path / "half.safetensors"))

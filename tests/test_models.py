@@ -385,3 +385,10 @@ def test_a_small_run_time_input_is_not_shifted_where_an_axis_holds_one_window():
         torch.testing.assert_close(model(x), unshifted(x), atol=1e-6, rtol=1e-6)
         wide = torch.randn(2, 3, 8, 16)
         assert not torch.allclose(model(wide), unshifted(wide), atol=1e-4)  # W holds two windows in stage 0
+
+
+def test_config_switches_for_checkpointing_and_attention_chunks_reach_every_stage_and_block():
+    model = swinlab.create_model("swin_pico_patch2_window4_32", grad_checkpointing=True, attn_chunk_size=2)
+    assert all(stage.grad_checkpointing for stage in model.layers)
+    assert {b.attn.chunk_size for stage in model.layers for b in stage.blocks} == {2}
+    assert model.head_hidden_size == timm_twin("swin_pico_patch2_window4_32").head_hidden_size == model.num_features
