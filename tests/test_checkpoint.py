@@ -107,13 +107,20 @@ def test_v1_transfer_of_a_non_square_window_resizes_each_axis(tmp_path):
     src = randomize_(create_model(name, window_size=(2, 4)))
     path = save_safetensors(src, tmp_path / "v1.safetensors", name)
     wide = create_model(name, checkpoint=str(path), window_size=(4, 8))
+    assert_stage0_resized_stage3_kept(src, wide, (3, 7), (7, 15))
+
+
+def assert_stage0_resized_stage3_kept(src, moved, old_side, new_side):
+    """Stage 0's (2Wh-1) x (2Ww-1) table, resized per axis by the official bicubic formula written out here; stage
+    3's table carried over as is."""
     key = "layers.0.blocks.1.attn.relative_position_bias_table"
     old = src.state_dict()[key]
     heads = old.shape[1]
-    expected = F.interpolate(old.permute(1, 0).reshape(1, heads, 3, 7), size=(7, 15), mode="bicubic")
-    torch.testing.assert_close(wide.state_dict()[key], expected.reshape(heads, 7 * 15).permute(1, 0))
+    expected = F.interpolate(old.permute(1, 0).reshape(1, heads, *old_side), size=new_side, mode="bicubic")
+    torch.testing.assert_close(moved.state_dict()[key],
+                               expected.reshape(heads, new_side[0] * new_side[1]).permute(1, 0))
     last = "layers.3.blocks.0.attn.relative_position_bias_table"
-    assert torch.equal(wide.state_dict()[last], src.state_dict()[last])
+    assert torch.equal(moved.state_dict()[last], src.state_dict()[last])
 
 
 def test_swinlab_and_lightning_checkpoints_round_trip(tmp_path):
@@ -573,13 +580,7 @@ def test_a_plain_state_dict_saved_at_another_window_is_read_off_its_square_table
     src = randomize_(create_model(name, img_size=64, window_size=8))
     torch.save(src.state_dict(), tmp_path / "w8.pth")
     moved = create_model(name, checkpoint=str(tmp_path / "w8.pth"), img_size=64, window_size=6)
-    key = "layers.0.blocks.1.attn.relative_position_bias_table"
-    old = src.state_dict()[key]
-    heads = old.shape[1]
-    expected = F.interpolate(old.permute(1, 0).reshape(1, heads, 15, 15), size=(11, 11), mode="bicubic")
-    torch.testing.assert_close(moved.state_dict()[key], expected.reshape(heads, 11 * 11).permute(1, 0))
-    last = "layers.3.blocks.0.attn.relative_position_bias_table"
-    assert torch.equal(moved.state_dict()[last], src.state_dict()[last])
+    assert_stage0_resized_stage3_kept(src, moved, (15, 15), (11, 11))
 
 
 def test_load_into_model_names_the_weights_the_model_and_two_problems_of_each_kind():
