@@ -217,7 +217,8 @@ def phases(study: Study, unit: Unit, out: Path) -> List[Phase]:
 def phase_config(study: Study, phase: Phase, threads: Optional[int] = None) -> Dict[str, Any]:
     """The ``fit`` config of one phase: the variant's sections at the phase's size (:func:`fit_config`; the fine-tune
     starting from the unit's trained weights), seeded with the unit's seed, logging into the phase's own run folder,
-    saving ``last.ckpt`` (no best checkpoints: the unit is evaluated with its final weights, which the run exports)."""
+    saving ``last.ckpt`` every epoch (no best checkpoint: the unit is evaluated with its final weights, which the run
+    exports)."""
     unit = phase.unit
     if phase.cell is None:
         cfg = fit_config(study, unit.variant, study.train.img_size, study.train.window_size)
@@ -234,8 +235,11 @@ def phase_config(study: Study, phase: Phase, threads: Optional[int] = None) -> D
     trainer.setdefault("enable_progress_bar", False)  # the unit's log is a file
     trainer.setdefault("enable_model_summary", False)
     cfg["seed_everything"] = int(unit.seed)
-    cfg["checkpoint"] = {"monitor": None, "save_top_k": 0, "save_last": True}
+    # no monitor: the newest checkpoint is kept (each epoch's end, and where max_steps stops) with last.ckpt beside
+    # it, and the export at the end is that newest one: the unit's final weights
+    cfg["checkpoint"] = {"monitor": None, "save_top_k": 1, "save_last": True}
     cfg["export"] = {"filename": EXPORT}
+    cfg["attention_images"] = {"enabled": False}  # a unit logs scalars; its figures are the study's
     if threads:
         cfg["threads"] = int(threads)
     return cfg
