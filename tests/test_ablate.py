@@ -368,6 +368,7 @@ def test_bootstrap_equals_resampling_the_images_by_index():
     (["--jobs", "0"], "--jobs 0 must be >= 1"),
     (["--variants", "cosine"], "--variants cosine: not in study tiny (it has "),
     (["--report", "nowhere"], "--report nowhere: no results.csv and results_images.csv there"),
+    (["--launcher", "slurm", "--poll", "0"], "--poll 0.0 must be > 0"),
 ])
 def test_a_bad_ablate_option_is_one_line_and_nothing_is_written(tmp_path, capsys, extra, words):
     from swinlab.__main__ import main as swinlab_main
@@ -397,3 +398,84 @@ def test_the_plot_keeps_coupled_sizes_at_one_window_apart():
     one = load_study(str(ROOT / "experiments" / "ablations" / "pos_bias_power.yaml"))
     labels, points = plot_points(one, read_rows(RESULTS / "pos_bias_power"))
     assert labels == ["W2", "W4", "W8", "W16"] and points["log_cpb"][0] == [2.0, 4.0, 8.0, 16.0]
+
+
+# -- a study is restartable: the units' own files, the same command again ----------------------------------------------
+
+@pytest.mark.slow
+def test_the_same_command_continues_its_own_study_and_refuses_another(tmp_path, capsys):
+    """Run, run again (nothing trains: the weights and rows stay as they were), lose one unit's results (its run
+    folder keeps last.ckpt: an interrupted unit) and run again (only that unit runs, from its last.ckpt, to the same
+    weights and rows); a study with other settings into the same folder is refused, nothing touched."""
+    from safetensors.torch import load_file
+
+    from swinlab.__main__ import main as swinlab_main
+    study = dict(TINY, finetune=None, eval=[{"img_size": 32, "window_size": 8}],
+                 train={"img_size": 32, "window_size": 4, "trainer": {"max_steps": 2}})
+    path = write_study(tmp_path, study)
+    out = tmp_path / "o"
+    argv = ["ablate", "--config", str(path), "--out", str(out)]
+    assert swinlab_main(argv) == 0
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
+             if p.is_file() and p.parent.name in ("weights", "table_seed0", "log_cpb_seed0")}
+    results = (out / "results_images.csv").read_text()
+    assert len(results.splitlines()) == 1 + 2 * 2
+    assert swinlab_main(argv) == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files  # read, not trained again
+    assert (out / "results_images.csv").read_text() == results
+    weights = out / "weights" / "log_cpb_seed0.safetensors"
+    before = load_file(weights)
+    weights.unlink()
+    (out / "units" / "log_cpb_seed0" / "rows.json").unlink()
+    capsys.readouterr()
+    assert swinlab_main(argv) == 0
+    assert "1 unit(s) already finished" in capsys.readouterr().out
+    after = load_file(weights)
+    assert after.keys() == before.keys() and all(after[k].equal(before[k]) for k in after)
+    assert (out / "results_images.csv").read_text() == results
+    assert (out / "units" / "table_seed0" / "rows.json").stat().st_mtime_ns == files[
+        out / "units" / "table_seed0" / "rows.json"][0]
+    (tmp_path / "other").mkdir()
+    other = write_study(tmp_path / "other", dict(study, train={**study["train"], "trainer": {"max_steps": 3}}))
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert swinlab_main(["ablate", "--config", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--overwrite" in err and "\n" not in err.strip(), err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot
+
+
+@pytest.mark.slow
+def test_a_unit_is_an_ordinary_fit_run_on_two_ddp_processes(tmp_path):
+    """A study whose trainer asks for 2 devices with DDP (what ablate refused before): each unit's training is
+    ``python -m swinlab fit`` with the config the unit wrote, Lightning starts the second rank, and the unit's rows
+    come out (a real subprocess, as users start it)."""
+    from swinlab.training.cli import build_parser
+    study = dict(TINY, finetune=None, variants={"table": {"position_bias": "table"}},
+                 eval=[{"img_size": 32, "window_size": 8}],
+                 train={"img_size": 32, "window_size": 4,
+                        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
+    path = write_study(tmp_path, study)
+    res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(path), "--out", "o"],
+                         cwd=tmp_path, capture_output=True, text=True, env=_checkout_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    unit = tmp_path / "o" / "units" / "table_seed0"
+    log = (unit / "seed0.log").read_text()
+    assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log, log[-3000:]  # both ranks trained
+    parsed = build_parser("fit").parse_path(str(unit / "seed0.yaml"))  # the unit's config is a fit config
+    assert parsed.trainer.devices == 2 and parsed.trainer.strategy == "ddp" and parsed.seed_everything == 0
+    rows = json.loads((unit / "rows.json").read_text())
+    assert [(r["eval_window"], r["finetuned"]) for r in rows] == [(4, False), (8, False)]
+
+
+def test_slurm_units_need_one_shape_for_training_and_fine_tunes(tmp_path, capsys):
+    """Under --launcher slurm one allocation runs a unit's training and fine-tunes: trainers that ask for different
+    devices are named in one line before anything is written or submitted."""
+    from swinlab.__main__ import main as swinlab_main
+    study = dict(TINY, finetune={"trainer": {"max_steps": 2, "devices": 2, "accelerator": "cpu"}})
+    path = write_study(tmp_path, study)
+    capsys.readouterr()
+    rc = swinlab_main(["ablate", "--config", str(path), "--out", str(tmp_path / "o"), "--launcher", "slurm"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "1 node(s) x 1 device(s)" in err and "1 x 2" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
