@@ -124,8 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "run the same command again to collect)")
     parser.add_argument("--poll", type=float, default=5.0, help="--launcher slurm: seconds between looks at the jobs")
     parser.add_argument("--overwrite", type=bool, default=False,
-                        help="replace the results, weights and TensorBoard runs an earlier study left in --out "
-                             "(refused otherwise; the same study is continued, not replaced)")
+                        help="replace the results, weights and TensorBoard runs an earlier study left in --out, "
+                             "training every unit again (refused otherwise; without it the same command continues "
+                             "its own study)")
     parser.add_argument("--report", type=Optional[str], default=None,
                         help="rewrite results.md (and results.png) in this finished study's folder from its rows and "
                              "the study file's current claims and baseline, and train nothing")

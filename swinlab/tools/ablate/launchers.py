@@ -94,9 +94,9 @@ def check_out(study: Study, out: Path, overwrite: bool) -> None:
 
 
 def prepare_out(study: Study, out: Path, overwrite: bool) -> None:
-    """After :func:`check_out`: with ``--overwrite`` (and not the same study) the units' earlier outputs go, so that
-    nothing of theirs is resumed; then the study's record is written."""
-    if overwrite and not continues(study, out):
+    """After :func:`check_out`: with ``--overwrite`` the units' earlier outputs go, so that nothing of theirs is read
+    or resumed; then the study's record is written."""
+    if overwrite:
         for unit in units_of(study):
             for path in unit_outputs(study, out, unit):
                 if path.is_dir():

@@ -324,6 +324,14 @@ def run_fit(study: Study, phase: Phase, threads: Optional[int] = None, resume: b
                          f"({lines[-1][:300] if lines else 'no output'}); log: {log}")
 
 
+def _wait_for(path: Path, timeout: float = 600.0) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise UnitFailed(f"{path} did not appear within {timeout:.0f} s (written by rank 0 of the unit)")
+        time.sleep(0.5)
+
+
 def run_unit(study: Study, unit: Unit, out: Path, threads: Optional[int] = None,
              log: Callable[[str], None] = print, started: Optional[float] = None) -> List[Dict[str, Any]]:
     """One variant with one seed, resumable: train at the train size (a fit run; or take the given checkpoint), then
@@ -346,6 +354,8 @@ def run_unit(study: Study, unit: Unit, out: Path, threads: Optional[int] = None,
                                  list(study.train_cell.win), **variant.model_kwargs)
                 save_safetensors(model, train.weights, variant.model_name)
             continue
+        if phase.cell is not None and not rank0:
+            _wait_for(train.weights)  # rank 0 moves the trained weights into place after the training run
         log(f"[{time.perf_counter() - started:6.0f}s] {unit.name} {phase.version}: fit"
             f"{' (resuming ' + str(phase.last_ckpt) + ')' if resume else ''}")
         run_fit(study, phase, threads, resume=resume)
