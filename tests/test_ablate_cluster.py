@@ -77,3 +77,25 @@ def test_a_study_is_a_job_array_and_its_rerun_resumes_only_the_killed_unit(slurm
     assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine)
     assert (out / "units" / victim / "rows.json").read_text() == (tmp_path / "ref" / "units" / victim /
                                                                  "rows.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_unit_is_one_job_on_two_nodes_with_ddp(slurm_cluster, tmp_path):
+    """A unit whose trainers ask for 2 nodes x 1 device (DDP): its job holds a task on each node, both tasks train
+    and fine-tune together (two ranks in each fit run), rank 0 evaluates and writes the rows."""
+    shape = {"accelerator": "cpu", "devices": 1, "num_nodes": 2, "strategy": "ddp"}
+    study = dict(STUDY, seeds=[0], variants={"table": {"position_bias": "table"}},
+                 train={**STUDY["train"], "trainer": {"max_steps": 2, **shape}},
+                 finetune={"trainer": {"max_steps": 1, **shape}})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    res = subprocess.run(_ablate("--launcher", "slurm", "--out", "out", "--poll", "0.5"), cwd=tmp_path,
+                         env=slurm_cluster.env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    unit = tmp_path / "out" / "units" / "table_seed0"
+    job = json.loads((unit / "job.json").read_text())["job_id"]
+    assert slurm_cluster.job(job)["NodeList"] == "n[1-2]"
+    for run in ("seed0", "seed0_ft32w8"):  # rank 0's log and rank 1's, for the training and the fine-tune
+        assert "MEMBER: 1/2" in (unit / f"{run}.log").read_text()
+        assert "MEMBER: 2/2" in (unit / f"{run}.rank1.log").read_text()
+    rows = json.loads((unit / "rows.json").read_text())
+    assert [(r["eval_window"], r["finetuned"]) for r in rows] == [(4, False), (8, False), (8, True)]
