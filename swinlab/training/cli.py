@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -37,6 +38,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from ..errors import CheckpointError, ConfigError, SwinlabError
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
+from .preemption import Preemption, Stopped, forget_signals, slurm_restarted, slurm_run_name, stopped_by
 
 # ckpt_path values Lightning resolves itself (not file paths)
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -239,6 +241,7 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(ResumeState, "resume")
     parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
     parser.add_lightning_class_args(PredictionWriter, "predictions")
+    parser.add_lightning_class_args(Preemption, "preemption")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
     parser.add_argument("--allow_random_weights", type=bool, default=False,
@@ -452,6 +455,8 @@ class SwinlabCLI(LightningCLI):
         self._monitor_ema(cfg)
         if cfg.get("trainer.enable_checkpointing") is False:
             self._checkpointing_off(cfg)
+        if self.subcommand == "fit" and cfg.get("ckpt_path") is None and slurm_restarted():
+            self._resume_requeued_job(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
             if self._resolve_last(cfg) and Path(cfg.ckpt_path).is_file():  # the checks of an explicit file
                 hparams = self._ckpt_hparams(cfg.ckpt_path)
@@ -525,6 +530,10 @@ class SwinlabCLI(LightningCLI):
         root = Path(save_dir) / str(init.get("name") or "")
         key = "trainer.logger.init_args.version"
         version = init.get("version")
+        job = slurm_run_name() if version is None else None
+        if job is not None:  # a SLURM job: one folder per job id, the same on every rank and after a requeue
+            init.version = version = job
+            self.saved_config_unset.append(key)
         if not is_global_zero():
             shared = json.loads(os.environ.get(RUN_VERSION_ENV) or "{}")
             if version is None and shared.get("root") == str(root.resolve()):
@@ -533,7 +542,7 @@ class SwinlabCLI(LightningCLI):
             return
         if version is not None:
             folder = root / (version if isinstance(version, str) else f"version_{version}")
-            self.run_folder = RunFolder(folder, _new_parents(folder))
+            self.run_folder = RunFolder(folder, _new_parents(folder), created=job is not None and not folder.exists())
             return
         parents = _new_parents(root / "version_0")
         n = reserve_version(root)
@@ -575,6 +584,23 @@ class SwinlabCLI(LightningCLI):
                 callback.unset = list(self.saved_config_unset)
                 self.config_saver = callback
         return trainer
+
+    def _resume_requeued_job(self, cfg) -> None:
+        """A requeued SLURM job (SLURM_RESTART_COUNT >= 1) without --ckpt_path continues from the ``last.ckpt`` in
+        its own run folder (``runs/<name>/job<id>``), when the earlier start wrote one; every rank finds the same
+        file. An explicit ``version`` or ``--ckpt_path`` is left as given."""
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if init is None or init.get("version") is not None or init.get("save_dir") is None:
+            return
+        last = Path(init.save_dir) / str(init.get("name") or "") / slurm_run_name() / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            return
+        cfg.ckpt_path = str(last)
+        if last.is_file():
+            hparams = self._ckpt_hparams(cfg.ckpt_path)
+            if hparams:
+                self._check_ckpt_model(cfg.ckpt_path, hparams)
 
     @staticmethod
     def _resolve_last(cfg) -> bool:
@@ -741,6 +767,7 @@ def config_error(exc: BaseException, command: str) -> SwinlabError:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a LightningCLI subcommand; bad settings raise ConfigError with one line naming the problem."""
     from jsonargparse import ArgumentError
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     saved_argv = sys.argv
@@ -748,10 +775,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # hold this command's arguments (also when main() is called with an explicit argv), or the workers would start
     # without a subcommand and rank 0 would wait for them forever.
     sys.argv = [sys.argv[0], *argv]
+    forget_signals()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         if argv and argv[0] in RUN_COMMANDS:
             check_config_files(argv[1:])
         SwinlabCLI(LightningModule, LightningDataModule, **CLI_KWARGS)
+    except SIGTERMException:  # Lightning's own SIGTERM path (outside training) exits with status None, i.e. 0
+        raise Stopped(signal.SIGTERM) from None
     except ArgumentError as exc:
         raise config_error(exc, argv[0] if argv else "fit") from None
     except SwinlabError as exc:
@@ -763,6 +794,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise type(cause)(_one_line(cause)) from None
     finally:
         sys.argv = saved_argv
+        for signum, handler in handlers.items():  # Lightning restores the handlers it found: Preemption's
+            if handler is not None:
+                signal.signal(signum, handler)
+    if stopped_by() is not None:  # a signal outside the steps (setup, export): the run did not finish as asked
+        raise Stopped(stopped_by())
     return 0
 
 
