@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
@@ -218,8 +218,27 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+@register_notrace_function  # FX: forward's optional masking inputs are traced as placeholders (None by default)
+def mask_tokens(tokens: torch.Tensor, token_mask: Optional[torch.Tensor],
+                mask_token: Optional[torch.Tensor]) -> torch.Tensor:
+    """SimMIM: the (B, H, W, C) tokens where ``token_mask`` (B, H, W) is True replaced by ``mask_token`` (C,); the
+    tokens as they are without a mask."""
+    if token_mask is None or mask_token is None:
+        return tokens
+    w = token_mask.unsqueeze(-1).to(tokens.dtype)
+    return tokens * (1.0 - w) + mask_token.to(tokens.dtype) * w
+
+
+@register_notrace_function  # FX: as mask_tokens
+def logits_unless_masked(logits: torch.Tensor, features: torch.Tensor,
+                         token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """forward's output: the logits, or with a token mask (SimMIM) the final normalised feature map."""
+    return logits if token_mask is None else features
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
+# FX: timm's tracer keeps the modules whose forward branches on input shapes (padding, windows, shifts) as leaves
 # ----------------------------------------------------------------------------------------------------------------
 
 class WindowAttention(nn.Module):
@@ -401,6 +420,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+@register_notrace_module
 class SwinBlock(nn.Module):
     """(Shifted-)window attention and MLP with pre-norm (V1) or res-post-norm (V2) residuals."""
 
@@ -478,6 +498,7 @@ class SwinBlock(nn.Module):
         return norm3(x) if norm3 is not None else x
 
 
+@register_notrace_module
 class PatchMerging(nn.Module):
     """2x2 neighbour concat (order (0,0),(1,0),(0,1),(1,1)) then norm->reduce (V1) or reduce->norm (V2)."""
 
@@ -498,6 +519,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+@register_notrace_module
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection to NHWC tokens, then LayerNorm."""
 
@@ -546,15 +568,19 @@ class SwinStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool over (H, W) of NHWC features, dropout, Linear (``head.fc`` as in timm)."""
+    """Global average pool over (H, W) of NHWC features (``pool_type="avg"``; ``""``: no pooling, the classifier
+    applies at every position), dropout, Linear (``head.fc`` as in timm)."""
 
-    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0):
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0, pool_type: str = "avg"):
         super().__init__()
+        self.pool_type = pool_type
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(1, 2)))
+        if self.pool_type == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
         return x if pre_logits else self.fc(x)
 
 
@@ -573,6 +599,9 @@ class SwinTransformer(nn.Module):
         cfg = (config if config is not None else SwinConfig()).replace(**kwargs).resolved()
         self.config = cfg
         self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.global_pool = cfg.global_pool
+        self.output_fmt = "NHWC"  # timm's attribute: forward_features (and a features-only model's maps) are NHWC
         self.num_layers = cfg.num_stages
         self.patch_size = cfg.patch_size
         self.img_size = tuple(cfg.img_size)
@@ -607,7 +636,7 @@ class SwinTransformer(nn.Module):
             start += depths[i]
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
+        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate, cfg.global_pool)
         if not self.is_meta():  # a meta build has no values to draw: init_weights() runs after materialising it
             self.apply(self._init_weights)
             if cfg.norm_placement == "res_post":
@@ -786,19 +815,28 @@ class SwinTransformer(nn.Module):
         """timm's older name for :attr:`pretrained_cfg`."""
         return self.pretrained_cfg
 
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new (re-initialised) classifier for ``num_classes`` (0: none, ``forward`` gives pooled features)."""
-        if global_pool not in (None, "avg"):
-            raise ConfigError(f"global_pool={global_pool!r}: swinlab's head pools by average only, use 'avg'")
-        self.num_classes = num_classes
+        """A new (re-initialised) classifier for ``num_classes`` (0: none, ``forward`` gives pooled features), on the
+        device and in the dtype of the model's parameters. ``global_pool``: "avg" or "" (no pooling); None keeps the
+        current one."""
+        if global_pool is None:
+            global_pool = self.global_pool
+        self.config = self.config.replace(num_classes=num_classes, global_pool=global_pool).resolved()
+        self.num_classes, self.global_pool = num_classes, global_pool
         self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
-        self.config = self.config.replace(num_classes=num_classes)
-        self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate)
-        self.head.apply(self._init_weights)
+        ref = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
+        with torch.device(ref.device):
+            self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate, global_pool).to(ref.dtype)
+        if not ref.is_meta:
+            self.head.apply(self._init_weights)
         self.head.train(self.training)  # a new head follows the model's mode (no dropout in an eval model)
 
     # -- forward --------------------------------------------------------------------------------------------------
@@ -816,15 +854,11 @@ class SwinTransformer(nn.Module):
         the mask is True are replaced by ``mask_token`` and the final normalised feature map (B, H/32, W/32, C_last)
         is returned. Both go through the module's own call, so a sharded (FSDP2) model gathers its root parameters
         as for a plain forward."""
-        if token_mask is None:
-            if self.features_only:
-                return self.forward_intermediates(x, self.out_indices, stop_early=True, output_fmt=self.feature_fmt,
-                                                  intermediates_only=True)
-            return self.forward_head(self.forward_features(x))
-        z = self.patch_embed(x)
-        w = token_mask.unsqueeze(-1).to(z.dtype)
-        z = z * (1.0 - w) + mask_token.to(z.dtype) * w
-        return self.norm(self.layers(z))
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices, stop_early=True, output_fmt=self.feature_fmt,
+                                              intermediates_only=True)
+        features = self.norm(self.layers(mask_tokens(self.patch_embed(x), token_mask, mask_token)))
+        return logits_unless_masked(self.forward_head(features), features, token_mask)
 
     def forward_intermediates(
             self,
@@ -888,6 +922,7 @@ class SwinTransformer(nn.Module):
         infos = self.feature_info
         taken = self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True)
         self.features_only, self.out_indices, self.feature_fmt = True, taken, output_fmt
+        self.output_fmt = output_fmt
         self.feature_info = FeatureInfoList(dict(infos[i], index=i) for i in taken)
         return self
 
