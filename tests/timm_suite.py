@@ -136,7 +136,7 @@ def swinlab_cases(fn: Callable, all_swinlab: Sequence[str], swin: set) -> Tuple[
         "timm's fixed Swin cases, on swinlab's same-named variants"
 
 
-def wrap(fn: Callable, values: List[Any], marks: Sequence[Any] = ()) -> Callable:
+def wrap(fn: Callable, values: List[Any]) -> Callable:
     """``fn`` (a timm test) re-parametrized: its model_name parametrization replaced by ``values``."""
     mark, pos = _model_name_mark(fn)
 
@@ -145,15 +145,27 @@ def wrap(fn: Callable, values: List[Any], marks: Sequence[Any] = ()) -> Callable
         return fn(*args, **kwargs)
 
     single = isinstance(mark.args[0], str) and "," not in mark.args[0]
-    params = [pytest.param(v, marks=marks_for(v)) if single else pytest.param(*v, marks=marks_for(v[pos]))
-              for v in values]
+    params = [pytest.param(v, marks=marks_for(fn.__name__, v)) if single
+              else pytest.param(*v, marks=marks_for(fn.__name__, v[pos])) for v in values]
     test.pytestmark = [m for m in fn.pytestmark if m is not mark] + [
-        pytest.mark.parametrize(mark.args[0], params).mark, *marks]
+        pytest.mark.parametrize(mark.args[0], params).mark]
     return test
 
 
-def marks_for(value: Any) -> List[Any]:
-    return []
+# test-sized and tiny variants run in every suite run; the larger ones (seconds to minutes each) are marked slow
+CI_SIZES = ("_32", "tiny")
+# timm's pruning contract tells the NHWC map of ``forward_features`` from the NCHW tap by shape alone; on the pico
+# variants stage 0 is 16 x 16 x 16, so the shapes agree and it compares the two layouts as they are
+LAYOUT_AMBIGUOUS = {("test_prune_intermediate_layers_contract", PREFIX + "swin_pico_patch2_window4_32"),
+                    ("test_prune_intermediate_layers_contract", PREFIX + "swinv2_pico_patch2_window4_32")}
+
+
+def marks_for(test: str, name: str) -> List[Any]:
+    marks = [] if any(size in name for size in CI_SIZES) else [pytest.mark.slow]
+    if (test, name) in LAYOUT_AMBIGUOUS:
+        marks.append(pytest.mark.xfail(strict=True, reason="stage 0 is C == H == W: timm's test cannot tell NHWC "
+                                                           "from NCHW by shape (the other stages and variants run)"))
+    return marks
 
 
 def cases(module) -> Dict[str, Tuple[Callable, List[Any], str]]:
