@@ -12,8 +12,9 @@ untouched) and :class:`SignalMonitor`, a default callback of every ``python -m s
   element counts are summed over the ranks and the maxima taken over them (two all-reduces per logging step), so
   the values are those of the global batch under DDP, FSDP2 and DeepSpeed ZeRO;
 - after each validation, the image ``signal/amplitude``: RMS and max-abs against the block index on a log scale,
-  stages marked, on the first validation images (this run's Figure 2), and per stage the range of the attention
-  logits of the stage's first (unshifted) block over those images' windows, ``signal/attn_logit_range/stage<i>``
+  stages marked, read from the validation loop's forward of its first batch (this run's Figure 2), and per stage the
+  range of the attention logits of the stage's first (unshifted) block over the first image's windows of that
+  batch, ``signal/attn_logit_range/stage<i>``
   (max minus min of q k^T times the scale plus the position bias: the dot product grows with the stream, the
   scaled cosine is bounded by twice the logit scale plus the bias). The logits are computed once per validation
   from the block's inputs through ``WindowAttention.attention_logits``, because the fused attention kernel never
@@ -31,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .callbacks import _is_sharded, _is_zero3, _tensorboard, full_params
+from .callbacks import _tensorboard, full_params
 
 
 def backbone_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:
@@ -235,19 +236,16 @@ def amplitude_figure(curves: Dict[str, Dict[str, Sequence[float]]], depths: Sequ
 class SignalMonitor(Callback):
     """Per-block amplitude of the residual stream (SwinV2's signal propagation plot) for every run: the scalars
     ``signal/rms/s<i>b<j>``, ``signal/max_abs/s<i>b<j>`` and ``signal/rms_spread`` every ``log_every_n_steps``
-    training steps (reduced over ranks), and after each validation the image ``signal/amplitude`` and the scalars
-    ``signal/attn_logit_range/stage<i>`` on the first ``sample_images`` validation images. ``enabled: false`` turns
-    it off (no hooks are registered); ``image: false`` keeps the scalars only. See
+    training steps, and after each validation the image ``signal/amplitude`` and the scalars
+    ``signal/attn_logit_range/stage<i>``, read from the validation loop's own forward of its first batch (no extra
+    forward); amplitudes are reduced over ranks. ``enabled: false`` turns it off (no hooks are registered);
+    ``image: false`` keeps the scalars only. See
     :mod:`swinlab.training.signal_monitor`."""
 
-    def __init__(self, enabled: bool = True, image: bool = True, sample_images: int = 8):
+    def __init__(self, enabled: bool = True, image: bool = True):
         super().__init__()
-        if sample_images < 1:
-            from ..errors import SwinlabError
-            raise SwinlabError(f"signal.sample_images={sample_images} must be >= 1 (validation images per plot)")
-        self.enabled, self.image, self.sample_images = bool(enabled), bool(image), int(sample_images)
+        self.enabled, self.image = bool(enabled), bool(image)
         self.probe: Optional[SignalProbe] = None
-        self._sample: Optional[torch.Tensor] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # before the first forward of any stage (sanity check, validate, fit): a compiled block traces its hooks
@@ -287,40 +285,36 @@ class SignalMonitor(Callback):
         metrics["signal/rms_spread"] = spread(values["rms"].tolist())
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        probe = self.probe
+        if probe is not None and batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
+            probe.collect(reduce=False)  # forget anything a training forward left
+            probe.armed = probe.capture_attention = True
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        if self.probe is not None and batch_idx == 0 and dataloader_idx == 0:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if isinstance(x, torch.Tensor):
-                self._sample = x[:self.sample_images].detach()
+        if self.probe is not None:
+            self.probe.armed = self.probe.capture_attention = False
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        sample, self._sample = self._sample, None
         probe = self.probe
         if probe is None or trainer.sanity_checking:
             return
-        model = probe.model
-        sharded = _is_sharded(model) or _is_zero3(model)
-        if sharded:  # each forward gathers parameters (collective): every rank forwards a sample or none does
-            have = trainer.strategy.reduce_boolean_decision(sample is not None, all=True)
-            sample = sample if have else None
-        elif not trainer.is_global_zero:
-            return
-        if sample is None:
-            return
-        # the parameters' dtype (DeepSpeed bf16/fp16 casts them; FSDP2 casts its inputs itself)
-        x = sample.to(device=pl_module.device, dtype=model.patch_embed.proj.weight.dtype)
-        probe.armed = False
-        found = probe.measure(x)
-        if not trainer.is_global_zero:
+        # every rank: the amplitudes are reduced over the ranks, and under FSDP2 / ZeRO-3 the logits need the first
+        # blocks' parameters gathered
+        values = probe.collect(trainer.strategy.root_device)
+        ranges = probe.attention_logit_ranges()
+        if values is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        scalars = {f"signal/attn_logit_range/stage{i}": v for i, v in enumerate(found["attn_logit_range"])}
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+        scalars = {f"signal/attn_logit_range/stage{i}": v for i, v in enumerate(ranges) if math.isfinite(v)}
+        if scalars:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
         writer = _tensorboard(trainer)
         if self.image and writer is not None:
-            title = (f"signal propagation at step {step} ({len(x)} validation images): RMS spread "
-                     f"{spread(found['rms']):.3g}x")
-            fig = amplitude_figure({"": found}, probe.depths, title)
+            rms, peak = values["rms"].tolist(), values["max_abs"].tolist()
+            title = (f"signal propagation at step {step} (first validation batch): RMS spread {spread(rms):.3g}x "
+                     f"over {len(rms)} blocks")
+            fig = amplitude_figure({"": {"rms": rms, "max_abs": peak}}, probe.depths, title)
             writer.add_figure("signal/amplitude", fig, step, close=True)
