@@ -401,6 +401,62 @@ def write_report(out: Path) -> str:
     return text
 
 
+def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, steps: int, every: int,
+                 device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:
+    """The instrument's share of a training step (forward, cross-entropy, backward, AdamW step, fp32): median step
+    time with no hooks, with the hooks attached but disarmed (the steps between logging steps) and armed (a logging
+    step: the reductions and :meth:`SignalProbe.collect`), the three interleaved round by round so machine noise hits
+    them alike; ``cost`` is the mean step over ``every`` steps (one armed, the rest disarmed) against no hooks."""
+    from ..models import create_model
+    from ..training.signal_monitor import SignalProbe
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = create_model(model_name, img_size=img_size, num_classes=10).to(dev).train()
+    size = model.config.img_size
+    x = torch.randn(batch_size, 3, *size, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    probe = SignalProbe(model)
+
+    def step(mode: str) -> float:
+        if mode == "off":
+            probe.detach()
+        else:
+            probe.attach()
+            probe.armed = mode == "armed"
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if mode == "armed":
+            probe.armed = False
+            probe.collect(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - start
+
+    modes = ("off", "hooks", "armed")
+    for mode in modes:  # warm-up
+        step(mode)
+    times: Dict[str, List[float]] = {m: [] for m in modes}
+    for r in range(steps):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            times[mode].append(step(mode))
+    probe.detach()
+    med = {m: statistics.median(t) for m, t in times.items()}
+    mean_step = ((every - 1) * med["hooks"] + med["armed"]) / every
+    return dict(model=model_name, img_size=size[0], batch_size=batch_size, device=device,
+                threads=torch.get_num_threads(), blocks=len(probe.names), off_ms=med["off"] * 1e3,
+                hooks_ms=med["hooks"] * 1e3, armed_ms=med["armed"] * 1e3, every=every,
+                cost_pct=(mean_step / med["off"] - 1) * 100)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m swinlab signal", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/signal_propagation", help="folder for the results (default: %(default)s)")
@@ -412,11 +468,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="rewrite results.md and results.png from DIR's rows and run nothing")
+    cost = p.add_argument_group("the instrument's step-time cost (--cost: measure it and run no study)")
+    cost.add_argument("--cost", action="store_true")
+    cost.add_argument("--model", default="swinv2_pico_patch2_window4_32")
+    cost.add_argument("--img-size", type=int, default=None)
+    cost.add_argument("--batch-size", type=int, default=64)
+    cost.add_argument("--steps", type=int, default=20, help="timed rounds (each: one step of every mode)")
+    cost.add_argument("--every", type=int, default=10, help="log_every_n_steps: one armed step in this many")
+    cost.add_argument("--device", default="cpu")
+    cost.add_argument("--threads", type=int, default=None)
     return p
 
 
 def main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.cost:
+        if args.every < 1 or args.steps < 1:
+            raise ConfigError(f"--every {args.every} and --steps {args.steps} must be >= 1")
+        r = measure_cost(args.model, args.img_size, args.batch_size, args.steps, args.every, args.device,
+                         args.threads)
+        print("| model | image | batch | device, threads | blocks | step, no hooks (ms) | disarmed (ms) | "
+              "logging step (ms) | cost at log_every_n_steps |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| {r['model']} | {r['img_size']} | {r['batch_size']} | {r['device']}, {r['threads']} | {r['blocks']} "
+              f"| {r['off_ms']:.1f} | {r['hooks_ms']:.1f} | {r['armed_ms']:.1f} | {r['cost_pct']:+.2f}% at "
+              f"{r['every']} |")
+        return 0
     if args.report:
         folder = Path(args.report)
         if not (folder / "results.csv").is_file() or not (folder / "results_steps.csv").is_file():

@@ -247,12 +247,21 @@ class SignalMonitor(Callback):
         self.enabled, self.image = bool(enabled), bool(image)
         self.probe: Optional[SignalProbe] = None
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        # before the first forward of any stage (sanity check, validate, fit): a compiled block traces its hooks
-        # then, and hooks added after compilation would not run
+    def _attach(self, pl_module) -> None:
+        """Hooks on the backbone as the strategy left it (ZeRO-3's empty init builds it anew in configure_model),
+        before its first forward (a compiled block traces its hooks then: hooks added later would not run)."""
         model = backbone_of(pl_module)
-        if self.enabled and model is not None and self.probe is None:
-            self.probe = SignalProbe(model).attach()
+        if not self.enabled or model is None or (self.probe is not None and self.probe.model is model):
+            return
+        if self.probe is not None:
+            self.probe.detach()
+        self.probe = SignalProbe(model).attach()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._attach(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # `validate` runs no fit hooks
+        self._attach(pl_module)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.probe is not None:
