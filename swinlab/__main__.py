@@ -9,6 +9,7 @@ Commands:
   bench                             throughput/memory side by side with timm (swinlab.tools.bench)
   estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.tools.estimate)
   ablate                            resolution-transfer ablation studies (swinlab.tools.ablate)
+  signal                            signal propagation across depths, SwinV2 Figure 2 (swinlab.tools.signal_study)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "bench": "swinlab.tools.bench",
     "estimate": "swinlab.tools.estimate",
     "ablate": "swinlab.tools.ablate",
+    "signal": "swinlab.tools.signal_study",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

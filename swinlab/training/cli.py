@@ -2,8 +2,8 @@
 
 Defaults: TensorBoard logging under ``runs/<name>/version_<n>`` (relative to the working directory), a
 ModelCheckpoint on ``val/acc1`` plus ``last.ckpt``, per-group LR, throughput/memory/grad-norm/logit-scale scalars,
-position-bias and attention images, and ``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last``
-resumes the newest run of that name in place.
+position-bias and attention images, per-block signal propagation (``signal/...``: SwinV2's Figure 2 of the run), and
+``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last`` resumes the newest run of that name in place.
 
 Nothing already on disk changes unless asked: every value is checked before anything is written; the version folder
 is reserved with ``os.mkdir`` (two runs started at the same moment never share one); a run that stops before its first
@@ -39,6 +39,7 @@ from ..errors import CheckpointError, ConfigError, SwinlabError, first_line
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
 from .preemption import Preemption, Stopped, forget_signals, slurm_restarted, slurm_run_name, stopped_by
+from .signal_monitor import SignalMonitor
 
 # ckpt_path values Lightning resolves itself (not file paths)
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -299,6 +300,7 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(TrainingMonitor, "monitor")
     parser.add_lightning_class_args(Throughput, "throughput")
     parser.add_lightning_class_args(AttentionImages, "attention_images")
+    parser.add_lightning_class_args(SignalMonitor, "signal")
     parser.add_lightning_class_args(ExportBest, "export")
     parser.add_lightning_class_args(ResumeState, "resume")
     parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
@@ -315,7 +317,7 @@ def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgu
     """The parser ``python -m swinlab <subcommand>`` reads its configuration with, built and returned unused.
 
     Same ``--config`` composition, ``--a.b value`` overrides, sections (trainer, model, data, checkpoint, lr_monitor,
-    monitor, throughput, attention_images, export, resume, nonfinite, predictions, threads, seed_everything,
+    monitor, throughput, attention_images, signal, export, resume, nonfinite, predictions, threads, seed_everything,
     ckpt_path) and defaults (``TRAINER_DEFAULTS``, the checkpoint settings) as :class:`SwinlabCLI`'s parser for that
     subcommand: both are made by the same functions. Nothing is instantiated. ``parser_kwargs`` go to
     ``LightningArgumentParser`` (default ``exit_on_error=False``: bad input raises ``jsonargparse.ArgumentError``;
