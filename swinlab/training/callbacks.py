@@ -424,7 +424,8 @@ class ResumeState(Checkpoint):
       them) in every checkpoint and restores them when training resumes.
     - ``every_n_train_steps`` > 0: also writes ``last.ckpt`` (in the ModelCheckpoint's folder) every that many
       optimizer steps, so a run killed mid-epoch loses at most that many steps. The training loader's position is
-      saved with it (``swinlab.data.ResumableLoader``): ``fit --ckpt_path last`` continues with the next batch.
+      saved with it (``swinlab.data.common.ResumableLoader``, torchdata's StatefulDataLoader): ``fit --ckpt_path
+      last`` continues with the next batch.
     """
 
     def __init__(self, every_n_train_steps: int = 0, restore_rng: bool = True):
