@@ -72,6 +72,15 @@ def slurm_cluster():
             subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
 
 
+# the markers of timm's tests/test_models.py (tests/test_timm_suite.py runs its tests; pytest-timeout's ``timeout``
+# is recorded, not enforced)
+TIMM_MARKERS = ("base", "forward", "backward", "cfg", "cfg_nonstd", "torchscript", "features", "fxforward",
+                "fxbackward", "timeout")
+
+
+def pytest_configure(config):
+    for marker in TIMM_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: timm's test_models.py marker")
 
 
 # Files that hold the long multi-process runs go first: under ``pytest -n 2 --dist loadfile`` (the README's command)
