@@ -337,3 +337,21 @@ def test_hostile_folders_are_refused_by_the_entry_point_in_process(tmp_path, mar
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "os.system (STACK_GLOBAL)" in lines[0], err[-2000:]
     assert not marker.exists() and not (tmp_path / "runs" / "tiny" / "version_4").exists()
+
+
+def test_paths_lightning_resolves_itself_get_the_same_check(tmp_path, marker, monkeypatch, capsys):
+    """`--ckpt_path hpc`: Lightning finds hpc_ckpt_<n>.ckpt in the root folder after the trainer is built; the
+    strategy's load is guarded, so a hostile folder there is refused in one line, before anything is unpickled."""
+    from swinlab.__main__ import main as swinlab_main
+    monkeypatch.chdir(tmp_path)
+    folder = _dcp_folder(tmp_path / "hpc_ckpt_1.ckpt")
+    (folder / ".metadata").write_bytes(_forms(f"touch {marker}", 2)["INST"][0])
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = swinlab_main(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path", "hpc"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "hpc_ckpt_1.ckpt" in lines[0] and "os.system (INST)" in lines[0], \
+        err[-2000:]
+    assert not marker.exists()

@@ -403,6 +403,28 @@ def _rng_states() -> Dict[str, Any]:
     return states
 
 
+def _check_rng_states(states: Any) -> None:
+    """RNG states read from a checkpoint are data: each is first set on a private generator (torch's, NumPy's and
+    Python's own checks, the global ones untouched); anything they refuse is one CheckpointError line."""
+    import random
+
+    import numpy as np
+    try:
+        if not isinstance(states, dict):
+            raise TypeError(f"a {type(states).__name__}")
+        torch.Generator().set_state(states["torch"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.RandomState().set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+        version, py_state, py_gauss = states["python"]
+        if not isinstance(py_state, torch.Tensor) or py_state.numel() != 625:
+            raise ValueError("Python's state is not 625 numbers")
+        random.Random().setstate((version, tuple(int(v) for v in py_state.tolist()), py_gauss))
+    except Exception as exc:
+        raise CheckpointError(f"the checkpoint's saved random-number states are damaged ({type(exc).__name__}: "
+                              f"{str(exc)[:100]}): resume from another checkpoint, or start from its weights with "
+                              f"model.init_args.checkpoint") from None
+
+
 def _set_rng_states(states: Dict[str, Any]) -> None:
     import random
 
@@ -441,7 +463,10 @@ class ResumeState(Checkpoint):
         return {"rng": _rng_states()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._pending = state_dict.get("rng")
+        pending = state_dict.get("rng")
+        if pending is not None:
+            _check_rng_states(pending)
+        self._pending = pending
 
     def on_train_start(self, trainer, pl_module) -> None:
         # applied as late as possible: nothing between here and the first batch draws from the global RNG (the
