@@ -355,3 +355,21 @@ def test_paths_lightning_resolves_itself_get_the_same_check(tmp_path, marker, mo
     assert rc == 2 and len(lines) == 1 and "hpc_ckpt_1.ckpt" in lines[0] and "os.system (INST)" in lines[0], \
         err[-2000:]
     assert not marker.exists()
+
+
+def test_a_remote_checkpoint_gets_the_same_check(marker):
+    """A checkpoint on a remote filesystem (fsspec; here its in-memory one) is checked from its opcodes before
+    Lightning's own load of it."""
+    import fsspec
+
+    from swinlab.training.checkpoint_io import SafeCheckpointIO
+    fs = fsspec.filesystem("memory")
+    good = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    fs.pipe("/trust/good.ckpt", good.getvalue())
+    fs.pipe("/trust/evil.ckpt", _zip_with_data_pkl(_forms(f"touch {marker}", 5)["OBJ on a memoized global"][0]))
+    assert torch.equal(SafeCheckpointIO().load_checkpoint("memory://trust/good.ckpt")["state_dict"]["w"],
+                       torch.ones(2))
+    with pytest.raises(CheckpointError, match=r"refused to load memory://trust/evil\.ckpt: .*os\.system"):
+        SafeCheckpointIO().load_checkpoint("memory://trust/evil.ckpt")
+    assert not marker.exists()

@@ -309,6 +309,8 @@ class ExportBest(Callback):
         if best and os.path.isdir(best):
             trainer.strategy.barrier("export_best")
             if trainer.is_global_zero:
+                from .checkpoint_io import check_checkpoint_folder
+                check_checkpoint_folder(best)  # its libraries unpickle it: the same check as --ckpt_path gets
                 state = _read_sharded_backbone(best, prefix=prefix)
         elif best and os.path.isfile(best):
             if trainer.is_global_zero and ema:

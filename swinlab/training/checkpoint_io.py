@@ -74,6 +74,20 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
                               f"checkpoint; copy or export it again") from None
 
 
+def _check_remote_file(path: Any) -> None:
+    """The opcode check of a remote checkpoint (fsspec), before Lightning's ``weights_only`` load of it."""
+    import fsspec
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            check_torch_file(f, TENSOR_GLOBALS)
+    except MalformedPickle as exc:
+        raise CheckpointError(f"cannot read {path} ({exc}): the file is truncated or not a PyTorch checkpoint; copy "
+                              f"or export it again") from None
+    except UnsafePickle as exc:
+        raise CheckpointError(f"refused to load {path}: it holds Python objects that only unpickling could build "
+                              f"({exc}); swinlab loads tensors only: save model.state_dict() or safetensors") from None
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic saves and ``weights_only`` loads for local paths (remote paths use Lightning's own handling)."""
 
@@ -84,6 +98,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         if not _is_local(path):
+            _check_remote_file(path)
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return load_checkpoint_file(str(path).removeprefix("file://"),
                                     map_location=map_location if map_location is not None else "cpu")
