@@ -36,6 +36,9 @@ from swinlab.training.checkpoint_io import (
 )
 
 PROTOCOLS = range(6)
+# a run that reads FSDP2 folders (the strategy that wrote them; one process)
+FSDP2 = ["--config", str(ROOT / "experiments" / "strategy" / "fsdp2.yaml"),
+         "--trainer.strategy.init_args.data_parallel_size", "1"]
 EXT_CODE = 0x7FFF_FF01  # copyreg extension code used by the EXT forms (registered only to prove they would run)
 
 
@@ -299,7 +302,8 @@ def test_a_dotted_global_in_a_folder_is_refused_through_python_m_swinlab(tmp_pat
     dotted name); `fit --ckpt_path FOLDER` refuses it in one line, nothing runs and no run folder is made."""
     folder = _dcp_folder(tmp_path / "evil.ckpt")
     (folder / ".metadata").write_bytes(_forms(f"touch {marker}", 4)["GLOBAL dotted in an allowed DCP module"][0])
-    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path", "evil.ckpt"], tmp_path)
+    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), *FSDP2, "--ckpt_path", "evil.ckpt"],
+                             tmp_path)
     assert ".metadata" in line and "torch.distributed.checkpoint.filesystem.os.system" in line, line
     assert "SWINLAB_TRUST_CHECKPOINTS" in line
     assert not marker.exists() and not (tmp_path / "runs").exists()
@@ -314,7 +318,7 @@ def test_a_hostile_newest_last_ckpt_folder_is_refused_through_python_m_swinlab(t
     payload = _forms(f"touch {marker}", 4)["STACK_GLOBAL with memoized operands"][0]
     (folder / "meta.pt").write_bytes(_zip_with_data_pkl(payload))
     before = _snapshot(tmp_path / "runs")
-    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path", "last"], tmp_path)
+    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), *FSDP2, "--ckpt_path", "last"], tmp_path)
     assert "meta.pt" in line and "os.system" in line, line
     assert not marker.exists() and _snapshot(tmp_path / "runs") == before
 
@@ -331,7 +335,7 @@ def test_hostile_folders_are_refused_by_the_entry_point_in_process(tmp_path, mar
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc = swinlab_main(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path",
+        rc = swinlab_main(["fit", "--config", _tiny_config(tmp_path), *FSDP2, "--ckpt_path",
                            "evil.ckpt" if how == "folder" else "last"])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
