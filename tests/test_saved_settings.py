@@ -209,3 +209,24 @@ def test_paths_in_a_model_checkpoint_state_outside_its_folder_are_never_read_or_
         kept.load_state_dict(inside)  # a genuine state of this run: restored as it is, no warning
     assert kept.best_k_models == {f"{run}/epoch=1.ckpt": 0.9}
     assert victim.read_text() == "a file outside the run"
+
+
+def test_tensor_sizes_in_a_checkpoint_folder_are_checked_before_allocation(tmp_path):
+    """Exporting the best weights from an FSDP2 folder allocates each backbone tensor at the size its .metadata
+    lists: a size no machine could hold is one line, nothing allocated."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from swinlab.training.callbacks import _read_sharded_backbone
+    folder = tmp_path / "best.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": {"model.w": torch.arange(6.0).view(2, 3)}}, checkpoint_id=str(folder), no_dist=True)
+        assert torch.equal(_read_sharded_backbone(str(folder))["w"], torch.arange(6.0).view(2, 3))
+    with open(folder / ".metadata", "rb") as f:
+        meta = pickle.load(f)  # our own file, written just above
+    meta.state_dict_metadata["state_dict.model.w"].size = torch.Size([2 ** 20, 2 ** 20, 2 ** 10])
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"lists backbone tensors of 4194304\.0 GiB, more than the"):
+        _read_sharded_backbone(str(folder))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -355,10 +356,16 @@ def _read_sharded_backbone(path: str, prefix: str = "model.") -> Dict[str, torch
         return _backbone_keys(converted["state_dict"], prefix)
     import torch.distributed.checkpoint as dcp
     metadata = dcp.FileSystemReader(str(root)).read_metadata()
-    wanted = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith(f"state_dict.{prefix}") and hasattr(meta, "size"):
-            wanted[key[len("state_dict."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    sizes = {key[len("state_dict."):]: meta for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith(f"state_dict.{prefix}") and hasattr(meta, "size")}
+    need = sum(math.prod(meta.size) * meta.properties.dtype.itemsize for meta in sizes.values())
+    from ..models.limits import available_bytes
+    free = available_bytes()
+    if free is not None and need > free:  # sizes read from the folder: checked before anything is allocated
+        raise CheckpointError(f"checkpoint folder {root} lists backbone tensors of {need / 2 ** 30:.1f} GiB, more "
+                              f"than the {free / 2 ** 30:.1f} GiB this machine has free: the folder is damaged; export "
+                              f"later with `python -m swinlab convert`")
+    wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in sizes.items()}
     state = {"state_dict": wanted}
     dcp.load(state, checkpoint_id=str(root), no_dist=True)  # only these tensors are read
     return _backbone_keys(state["state_dict"], prefix)
