@@ -186,8 +186,8 @@ def _zip_with_data_pkl(data: bytes) -> bytes:
 
 
 def test_archives_torch_reads_otherwise_are_refused(tmp_path, marker):
-    """A tar archive (PyTorch's oldest format, unpickled without any check) and a zip archive naming data.pkl twice
-    (two readers could take different copies) are refused; a genuine archive passes."""
+    """A tar archive (PyTorch's oldest format, unpickled without any check), a zip archive naming data.pkl twice
+    (two readers could take different copies) and a TorchScript archive are refused; a genuine archive passes."""
     import tarfile
     good = io.BytesIO()
     torch.save({"w": torch.ones(2)}, good)
@@ -206,6 +206,10 @@ def test_archives_torch_reads_otherwise_are_refused(tmp_path, marker):
         z.writestr("archive/data.pkl", payload)
     with pytest.raises(UnsafePickle, match="twice"):
         check_torch_file(twice.getvalue())
+    scripted = io.BytesIO()  # a TorchScript archive: torch.load(weights_only=False) hands it to torch.jit.load
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    with pytest.raises(UnsafePickle, match="__torch__"):
+        check_torch_file(scripted.getvalue(), FOLDER_TORCH_GLOBALS)
     assert not marker.exists()
 
 
