@@ -79,10 +79,36 @@ def check_split(root: Path, what: str) -> List[str]:
     return classes
 
 
-def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True):
-    """Decode one image as RGB; an image of more than ``max_pixels`` pixels is refused before it is decoded (a
-    48 KB PNG can hold 20000 x 20000 pixels). ``decode=False``: the same checks on the header only, nothing
-    decoded (returns None)."""
+# where transparent pixels go: composited on this colour (PIL's convert("RGB") would keep whatever colour the
+# transparent pixels happen to store, often black)
+ALPHA_BACKGROUND = (255, 255, 255)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale (PNG, TIFF): PIL opens it as I;16 or I
+
+
+def to_rgb(img, background: Sequence[int] = ALPHA_BACKGROUND):
+    """``img`` as users see it, in 8-bit RGB: EXIF orientation applied (``PIL.ImageOps.exif_transpose``), 16-bit
+    grayscale scaled to 8 bits (PIL's own conversion clips it at 255: a white image), transparency (RGBA, LA, PA,
+    palette images with a transparent colour) composited on ``background``; CMYK, palette, 1-bit and other modes
+    through PIL's conversion."""
+    import numpy as np
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode in HIGH_BIT_MODES:
+        a = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0  # 0..65535 -> 0..255, not clipped
+        img = Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        canvas = Image.new("RGBA", img.size, tuple(int(c) for c in background) + (255,))
+        return Image.alpha_composite(canvas, img).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True,
+             background: Sequence[int] = ALPHA_BACKGROUND):
+    """Decode one image as RGB (:func:`to_rgb`); an image of more than ``max_pixels`` pixels is refused before it is
+    decoded (a 48 KB PNG can hold 20000 x 20000 pixels). ``decode=False``: the same checks on the header only,
+    nothing decoded (returns None)."""
     from PIL import Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
@@ -91,7 +117,10 @@ def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, de
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ValueError(f"{w}x{h} pixels is more than max_image_pixels={max_pixels}")
-            return img.convert("RGB") if decode else None
+            if not decode:
+                return None
+            img.load()
+            return to_rgb(img, background)
 
 
 class PredictImages:
@@ -130,8 +159,9 @@ class SafeImageFolder(ImageFolder):
     """ImageFolder that skips unreadable images (warns and counts; the next readable image stands in) or, with
     ``on_corrupt='error'``, stops with the file's name. Whatever the decoder raises counts as unreadable, and so does
     an image larger than ``max_image_pixels``. Class folders are scanned by ``scan_images`` (links stay inside the
-    class folder, loops end). Grayscale, palette and RGBA images are converted to RGB. Random augmentation is seeded
-    by the training index's ``aug_seed`` (see ``swinlab.data.common``)."""
+    class folder, loops end). Images become 8-bit RGB through :func:`to_rgb` (EXIF orientation applied, 16-bit
+    grayscale scaled, transparency composited on white). Random augmentation is seeded by the training index's
+    ``aug_seed`` (see ``swinlab.data.common``)."""
 
     def __init__(self, root: str, transform=None, on_corrupt: str = "skip",
                  max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
@@ -214,6 +244,7 @@ class ImageFolderDataModule(BaseDataModule):
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"mean={list(mean)} / std={list(std)} must be 3 values each (R, G, B), std > 0")
         self.classes: Optional[List[str]] = None
+        self._named_missing = False
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -241,6 +272,13 @@ class ImageFolderDataModule(BaseDataModule):
         if extra:
             raise ConfigError(f"validation classes {extra[:3]} have no training folder in "
                               f"{self.data_dir / self.train_dir}: use the same class folder names in both")
+        missing = sorted(set(train) - set(val))
+        if missing and not self._named_missing:
+            self._named_missing = True
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            warnings.warn(f"validation folder {self.data_dir / self.val_dir} lacks {len(missing)} of the "
+                          f"{len(train)} training classes ({shown}): their accuracy is not measured; add "
+                          f"{self.val_dir}/<class>/ folders for them", stacklevel=2)
         return train
 
     @staticmethod
