@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -250,6 +250,12 @@ class ImageFolderDataModule(BaseDataModule):
     def num_classes(self) -> Optional[int]:
         return len(self.classes) if self.classes is not None else None
 
+    @property
+    def preprocessing(self) -> Dict[str, Any]:
+        """What the evaluation transform does, in timm's pretrained_cfg terms: recorded with the weights."""
+        return dict(mean=self.mean, std=self.std, input_size=(3, *self.img_size), interpolation=self.interpolation,
+                    crop_pct=self.crop_pct)
+
     def transforms(self, training: bool):
         return build_transform(self.img_size, training, mean=self.mean, std=self.std, interpolation=self.interpolation,
                                crop_pct=self.crop_pct, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
@@ -298,10 +304,35 @@ class ImageFolderDataModule(BaseDataModule):
                                              self.on_corrupt)
         return self.predict_set
 
+    def weights_transform(self):
+        """The evaluation transform for the weights being run: the preprocessing they were trained with where the
+        module knows it (``weights_preprocessing()``: a checkpoint's record), else this data module's; a difference
+        is named in one line."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        trained = module.weights_preprocessing() if hasattr(module, "weights_preprocessing") else None
+        if not trained:
+            return self.transforms(False)
+        mine = self.preprocessing
+        keys = ("mean", "std", "interpolation", "crop_pct")
+        want = {k: tuple(trained[k]) if isinstance(trained[k], (list, tuple)) else trained[k]
+                for k in keys if k in trained}
+        differ = [k for k in want if want[k] != mine[k]]
+        if differ:
+            warnings.warn(f"predicting with the preprocessing the weights were trained with "
+                          f"({', '.join(f'{k}={want[k]}' for k in differ)}), not the data module's "
+                          f"({', '.join(f'{k}={mine[k]}' for k in differ)})", stacklevel=2)
+        mine = dict(mine, **want)
+        return build_transform(self.img_size, False, mean=mine["mean"], std=mine["std"],
+                               interpolation=mine["interpolation"], crop_pct=mine["crop_pct"])
+
     def predict_dataloader(self):
         if self._predict_set() is None:
+            if self.val_set is None:
+                self.setup("predict")
+            self.val_set.transform = self.weights_transform()
             return super().predict_dataloader()
         from torch.utils.data import DataLoader
+        self.predict_set.transform = self.weights_transform()
         return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
 
     def predict_inputs(self) -> List[str]:

@@ -192,6 +192,7 @@ class ImageClassifier(SwinTask):
             checkpoint["class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get("class_names"):
             self.class_names = [str(c) for c in checkpoint["class_names"]]
 
