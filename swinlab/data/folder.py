@@ -210,7 +210,9 @@ class ImageFolderDataModule(BaseDataModule):
     ``null``: no limit). A folder with only ``train/`` (no ``val_dir`` folder) gets a validation split carved from it:
     ``val_split`` of each class's images (at least one per class with two or more), chosen by ``seed``.
     ``predict_dir`` (a folder of images, searched recursively, or one image file) is what ``python -m swinlab
-    predict`` runs on; without it, predict runs on the validation split."""
+    predict`` runs on; without it, predict runs on the validation split. ``mean``/``std`` (ImageNet's by default),
+    ``img_size``, ``interpolation`` and ``crop_pct`` are the run's ``preprocessing``, recorded with the weights;
+    predict uses the weights' record where it has one (:meth:`weights_transform`)."""
 
     def __init__(self, data_dir: str = "data/imagenet", img_size: ImgSize = 224, batch_size: int = 128,
                  train_dir: str = "train", val_dir: str = "val", auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
