@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, first_line
 from .config import SwinConfig
+from .hub import check_preprocessing, preprocessing_of
 from .limits import check_saved_config, saved_fields
 from .pickle_scan import TENSOR_GLOBALS, MalformedPickle, UnsafePickle, check_torch_file
 from .registry import REGISTRY
@@ -30,8 +31,9 @@ ANCHOR = "patch_embed.proj.weight"
 
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a checkpoint file into (backbone state_dict with its prefix removed, swinlab metadata). The metadata of a
-    swinlab safetensors file or Lightning checkpoint is ``{"model": registry name, "config": SwinConfig}``; other
-    files have none (``{}``)."""
+    swinlab safetensors file or Lightning checkpoint is ``{"model": registry name, "config": SwinConfig}``, with
+    ``"pretrained_cfg"`` (the preprocessing its weights were trained with: mean, std, input_size, interpolation,
+    crop_pct) where the file has it (also convert's timm files); other files have none (``{}``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
@@ -52,14 +54,23 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
                 raise CheckpointError(f"{path} has swinlab metadata that is not JSON ({type(exc).__name__}): "
                                       f"re-export it, or load its weights by model name") from None
             meta = dict(model=raw_meta.get("swinlab_model"), config=saved)
+        if "pretrained_cfg" in raw_meta:
+            try:
+                meta["pretrained_cfg"] = json.loads(raw_meta["pretrained_cfg"])
+            except (ValueError, RecursionError):
+                raise CheckpointError(f"{path} has a pretrained_cfg that is not JSON: re-export the file") from None
     else:
         obj = safe_torch_load(path)
-        if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):
+        if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):  # a Lightning checkpoint of swinlab's
             meta = dict(obj["swinlab"])
+        elif isinstance(obj, dict) and "pretrained_cfg" in obj:  # convert --format timm's .pth
+            meta = dict(pretrained_cfg=obj["pretrained_cfg"])
     if not isinstance(meta.get("model"), (str, type(None))):
         meta["model"] = None  # only ever quoted in messages
     if "config" in meta:
         meta["config"] = _saved_config(meta["config"], path)
+    if "pretrained_cfg" in meta:
+        meta["pretrained_cfg"] = check_preprocessing(meta["pretrained_cfg"], str(path))
     return _unwrap(obj, path), meta
 
 
@@ -289,13 +300,17 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
 
 def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name: Optional[str] = None,
                      extra_metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write the weights and the model's config as safetensors, atomically (temp file + rename)."""
+    """Write the weights, the model's config and its preprocessing (``model.pretrained_cfg``'s mean, std,
+    input_size, interpolation, crop_pct) as safetensors, atomically (temp file + rename)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     name = model_name or getattr(model, "variant_name", None) or ""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "swinlab_model": name, "swinlab_config": json.dumps(model.config.to_dict())}
+    preprocessing = preprocessing_of(getattr(model, "pretrained_cfg", None))
+    if preprocessing:
+        meta["pretrained_cfg"] = json.dumps(preprocessing)
     meta.update(extra_metadata or {})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)

@@ -194,6 +194,7 @@ class ImageClassifier(SwinTask):
             checkpoint["class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         names = checkpoint.get("class_names")
         if names:  # data: written into prediction files, so checked as the data module's folder names would be
             n = self.hparams.num_classes

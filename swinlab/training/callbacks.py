@@ -276,7 +276,8 @@ class AttentionImages(Callback):
 
 class ExportBest(Callback):
     """At the end of fit, write the best checkpoint's backbone (or the final weights when there is no best) as
-    ``<log_dir>/best.safetensors``, loadable with ``create_model(name, checkpoint=...)``.
+    ``<log_dir>/best.safetensors``, loadable with ``create_model(name, checkpoint=...)``, with the run's
+    preprocessing (mean, std, input size, interpolation, crop_pct) in its metadata.
 
     A best checkpoint that is a file is read on rank 0. A sharded one (a folder: FSDP2's distributed checkpoint,
     DeepSpeed's ZeRO folder) is read on rank 0 in full fp32: the model's tensors of a distributed checkpoint
@@ -331,6 +332,10 @@ class ExportBest(Callback):
         with torch.device("meta"):
             model = SwinTransformer(pl_module.model.config)
         model.load_state_dict(state, assign=True)  # the gathered tensors themselves: no second copy
+        preprocessing = pl_module.weights_preprocessing() if hasattr(pl_module, "weights_preprocessing") else None
+        if preprocessing:  # recorded in the file's metadata: create_model(checkpoint=...) gives it back
+            from ..models.hub import apply_preprocessing
+            model.pretrained_cfg = apply_preprocessing(model.pretrained_cfg, preprocessing)
         try:
             save_safetensors(model, self.path, pl_module.model_name)
         except CheckpointError as exc:  # save_safetensors: one line, previous file intact
