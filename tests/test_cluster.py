@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import torch
 from helpers import ROOT
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 DOC = ROOT / "docs" / "cluster.md"
 CPU, GPU = ROOT / "docs" / "slurm" / "cpu.sbatch", ROOT / "docs" / "slurm" / "v2_g.sbatch"
@@ -37,6 +38,8 @@ def doc_commands():
     commands = []
     for line in block.splitlines():
         words = shlex.split(line, comments=True)
+        if not words:
+            continue
         env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
         commands.append((env, words[len(env):]))
     return commands
@@ -97,6 +100,8 @@ def jobs(slurm_cluster, tmp_path_factory):
             f"--trainer.callbacks.flag={tmp / key}-waiting"])
     for key, (env, cmd) in commands.items():
         out[key] = Job(slurm_cluster, tmp / key, env, cmd)
+    out["ddp-2x1-failing"] = Job(slurm_cluster, tmp / "failing", *commands["ddp-2x1"], [
+        "--trainer.callbacks+=launch_helpers.FailOnRank", "--trainer.callbacks.rank=1"])
     yield out
     for job in out.values():
         slurm_cluster.run("scancel", job.id, check=False)
@@ -168,7 +173,32 @@ def test_the_documented_sbatch_commands_run_as_written(jobs, key):
     if key.startswith("fsdp2"):
         assert len(list(last.glob("*.distcp"))) == world  # one shard per rank
         # shard within a node, replicate across nodes
-        mesh = {"1x2": (["shard"], [2]), "2x1": (["replicate", "shard"], [2, 1])}[key.split("-")[1]]
-        assert all((p["mesh_dims"][-len(mesh[0]):], p["mesh"][-len(mesh[1]):]) == mesh for p in probes), probes
+        mesh = {"1x2": (["data_parallel"], [2]), "2x1": (["replicate", "shard"], [2, 1])}[key.split("-")[1]]
+        assert all((p["mesh_dims"], p["mesh"]) == mesh for p in probes), probes
     else:
         assert last.is_file() and all(p["strategy"] == "DDPStrategy" for p in probes)
+
+
+def test_when_one_rank_fails_the_job_ends_without_waiting_for_it(jobs):
+    """Rank 1 raises at the start of step 2 while rank 0 enters the step's all-reduce: the job ends with it (srun
+    --kill-on-bad-exit=1 in the script), not at a collective's 30-minute timeout."""
+    job = jobs["ddp-2x1-failing"]
+    state = job.wait(timeout=180)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] != "0:0", job.logs()
+    assert "FailOnRank: rank 1 fails at step 1" in (job.folder / f"slurm-quickstart-{job.id}-task1.out").read_text()
+    start, end = (time.mktime(time.strptime(state[k], "%Y-%m-%dT%H:%M:%S")) for k in ("StartTime", "EndTime"))
+    assert end - start < 150, state  # ended with the failing rank, not at a collective's timeout
+
+
+@pytest.mark.parametrize("launch, words", [
+    (["srun", "--nodes=1", "--ntasks=2"], "without --ntasks-per-node"),
+    (["salloc", "--nodes=1", "--ntasks-per-node=2", "srun"], "salloc's default"),
+])
+def test_srun_without_tasks_per_node_and_srun_under_salloc_stop_with_one_line(slurm_cluster, tmp_path, launch, words):
+    cmd = [*launch, "--time=2", sys.executable, "-m", "swinlab", "fit", "--config",
+           str(ROOT / "experiments" / "quickstart.yaml"), "--config", str(ROOT / "experiments" / "strategy" /
+                                                                          "ddp.yaml"), "--trainer.devices", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=slurm_cluster.env(), capture_output=True, text=True, timeout=180)
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 2 and all(words in ln for ln in errors), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
