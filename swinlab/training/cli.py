@@ -437,6 +437,10 @@ class SwinlabCLI(LightningCLI):
             else:
                 os.environ[RUN_VERSION_ENV] = saved_env
 
+    def _undo_run_folder(self) -> None:
+        if not self.first_batch.seen and self.run_folder is not None:
+            self.run_folder.rollback()
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         return _new_parser(**kwargs)
 
@@ -537,6 +541,9 @@ class SwinlabCLI(LightningCLI):
             from .preflight import check_config, check_machine
             check_config(cfg)  # bad trainer values, impossible strategy/precision combinations: one line, nothing built
             check_machine(cfg)  # an accelerator or device count this machine does not have
+            from .launch import check_launch, rendezvous_timeout
+            check_launch(cfg)  # launcher variables against the trainer's settings, master address and port
+            rendezvous_timeout()  # a bad SWINLAB_RENDEZVOUS_TIMEOUT is named before anything is built
         if self.subcommand == "predict":
             self._check_predict_weights(cfg)
         self._classes_from_data(cfg)
@@ -748,6 +755,11 @@ class SwinlabCLI(LightningCLI):
         if trainer.logger is None:  # --trainer.logger false: Lightning's LR monitor refuses to run without one
             trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
         trainer.callbacks.append(self.first_batch)
+        if trainer.world_size > 1:  # the ranks meet in fit/validate/...: bounded, with one line if they do not
+            from .launch import RendezvousWatchdog
+            watchdog = RendezvousWatchdog(on_timeout=self._undo_run_folder)
+            trainer.callbacks.append(watchdog)
+            watchdog.start()
         for callback in trainer.callbacks:
             if isinstance(callback, SaveRunConfig):
                 callback.unset = list(self.saved_config_unset)
