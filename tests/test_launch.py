@@ -357,13 +357,3 @@ def test_fused_adamw_under_bf16_mixed_is_clipped_like_lightnings_base_plugin():
     clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in task.model.parameters()]))
     assert clipped == pytest.approx(1.0, rel=1e-4)
     assert all(torch.allclose(p.grad, g / total, rtol=1e-4, atol=1e-9) for p, g in zip(task.model.parameters(), grads))
-
-
-@pytest.mark.parametrize("trainer", [{"devices": 2}, {"strategy": "ddp"}, {"num_nodes": 2}])
-def test_ablate_refuses_multi_process_trainers(trainer):
-    """ablate trains each variant in its own process: a launcher would re-run the whole study in every worker."""
-    from swinlab.errors import ConfigError
-    from swinlab.tools.ablate import _trainer
-    with pytest.raises(ConfigError, match="inside this one process") as err:
-        _trainer(trainer, logger=False)
-    assert "\n" not in str(err.value)
