@@ -428,6 +428,14 @@ class WindowAttention(nn.Module):
         q, k, _, mask, scale = self._qkv_mask(x, mask)
         return attention_softmax(q, k, None if mask is None else mask.to(q.dtype), scale)
 
+    def attention_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The logits :meth:`attention_probs` takes the softmax of, from the same inputs: (B, nW, heads, N, N),
+        q k^T times the scale (V1: head_dim^-0.5 on the dot product; V2: the clamped logit scale on the cosine)
+        plus the position bias and the shift mask."""
+        q, k, _, mask, scale = self._qkv_mask(x, mask)
+        logits = (q * scale) @ k.transpose(-2, -1)
+        return logits if mask is None else logits + mask.to(logits.dtype)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, num_windows, N, C); mask: (num_windows, N, N) shift mask or None."""
         B, nW, N, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
