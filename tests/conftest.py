@@ -78,6 +78,13 @@ TIMM_MARKERS = ("base", "forward", "backward", "cfg", "cfg_nonstd", "torchscript
                 "fxbackward", "timeout")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--timm-suite", choices=("ci", "all"), default="ci",
+                     help="timm's test_models.py on swinlab's models (tests/test_timm_suite*.py): 'ci' runs the "
+                          "test-sized and tiny variants, 'all' every registered size as far as timm's size limits "
+                          "allow (about an hour on 2 cores)")
+
+
 def pytest_configure(config):
     for marker in TIMM_MARKERS:
         config.addinivalue_line("markers", f"{marker}: timm's test_models.py marker")
