@@ -26,7 +26,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -278,9 +278,40 @@ def _add_seed_argument(parser: LightningArgumentParser) -> None:
                              "Set to True to use a random seed.")
 
 
+# Trainer arguments whose annotation makes a command-line value mean something else than Lightning reads it as:
+# ``limit_*_batches: Union[float, int, None]`` turns ``1`` (one batch) into ``1.0`` (all of them), in a YAML file and
+# on the command line alike; ``devices: Union[list[int], str, int]`` keeps ``--trainer.devices 2`` a string, which the
+# pre-flight checks (a mesh that cannot fit) would not count. The same arguments with the int tried first (Annotated:
+# ``Union[int, float]`` equals ``Union[float, int]``, and typing's cache would hand back Lightning's order).
+_COUNT_OR_FRACTION = Optional[Union[Annotated[int, "batches"], float]]
+RETYPED_TRAINER_ARGS: Dict[str, Any] = {
+    **{f"limit_{split}_batches": _COUNT_OR_FRACTION for split in ("train", "val", "test", "predict")},
+    "overfit_batches": Union[Annotated[int, "batches"], float],
+    "devices": Union[Annotated[int, "devices"], List[int], str],
+}
+_RETYPED_HELP = {
+    "devices": "Number of devices (an int), a list of device indices, or 'auto' (default), per node.",
+    "overfit_batches": "Overfit a fraction of the training data (float) or a number of batches (int). Default: 0.0.",
+}
+
+
+def _add_trainer_arguments(parser: LightningArgumentParser) -> None:
+    """The trainer section: Lightning's Trainer arguments as ``add_lightning_class_args`` adds them, except those in
+    :data:`RETYPED_TRAINER_ARGS`, added with their int reading first (``1`` is one batch, ``1.0`` all of them)."""
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
+                               skip=set(RETYPED_TRAINER_ARGS))
+    params = inspect.signature(Trainer.__init__).parameters
+    for name, hint in RETYPED_TRAINER_ARGS.items():
+        split = name[len("limit_"):-len("_batches")] if name.startswith("limit_") else None
+        text = _RETYPED_HELP.get(name) or (f"How much of the {split} data to use per epoch: an int is that many "
+                                           f"batches (1 = one batch), a float that fraction (1.0 = all). Per device. "
+                                           f"Default: 1.0.")
+        parser.add_argument(f"--trainer.{name}", type=hint, default=params[name].default, help=text)
+
+
 def _add_core_arguments(parser: LightningArgumentParser) -> None:
     """trainer (with TRAINER_DEFAULTS), model and data: any LightningModule / LightningDataModule by class_path."""
-    parser.add_lightning_class_args(Trainer, "trainer")
+    _add_trainer_arguments(parser)
     parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items() if k != "callbacks"})
     parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
@@ -303,9 +334,15 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(PredictionWriter, "predictions")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
-    parser.add_argument("--allow_random_weights", type=bool, default=False,
-                        help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
-                             "model.init_args.checkpoint gives weights (refused otherwise)")
+    add_flag(parser, "--allow_random_weights",
+             help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
+                  "model.init_args.checkpoint gives weights (refused otherwise)")
+
+
+def add_flag(parser, name: str, default: bool = False, help: str = "") -> None:
+    """A boolean option that takes the bare form (``--name``: true) as well as ``--name true|false`` and ``name:
+    true`` in a config file: what a message may suggest is what the parser accepts."""
+    parser.add_argument(name, type=bool, nargs="?", const=True, default=default, help=help)
 
 
 def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgumentParser:
