@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, SwinlabError
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason
 from ..models import PRESETS, SwinTransformer, create_model, get_variant, save_safetensors
 
 FORMATS = ("safetensors", "timm", "torch_export", "onnx")
@@ -70,19 +70,21 @@ def main(argv: List[str]) -> int:
     pws = None if pws is None else (pws[0] if len(pws) == 1 else pws)
     model = create_model(args.model, checkpoint=args.checkpoint, img_size=img, window_size=args.window_size,
                          pretrained_window_size=pws, num_classes=args.num_classes).eval()
+    _check_space(model, out)
     cfg = model.config
     info: Dict[str, Any] = dict(out=str(out), format=args.format, model=args.model, img_size=cfg.img_size,
                                 window_size=[w[0] for w in cfg.window_size],
                                 pretrained_window_size=[w[0] for w in cfg.pretrained_window_size],
                                 num_classes=cfg.num_classes)
     if args.format == "safetensors":
-        save_safetensors(model, out, args.model)
+        _write_atomically(out, lambda path: save_safetensors(model, path, args.model), lambda path: None,
+                          args.overwrite)
     elif args.format == "timm":
-        info.update(_write_timm(model, variant.name, out))
+        info.update(_write_timm(model, variant.name, out, args.overwrite))
     elif args.format == "torch_export":
-        info.update(_write_torch_export(model, out))
+        info.update(_write_torch_export(model, out, args.overwrite))
     else:
-        info.update(_write_onnx(model, out))
+        info.update(_write_onnx(model, out, args.overwrite))
     print(json.dumps(info))
     return 0
 
@@ -101,9 +103,49 @@ def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a folder: give a file path")
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
+    try:  # before anything is loaded: a folder that cannot be made or written to is named now, not after the work
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=str(out.parent)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be written: {unwritable_reason(out.parent, exc)}: choose another "
+                          f"path") from None
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[[Path], Any]) -> Any:
+def _check_space(model: torch.nn.Module, out: Path) -> None:
+    """Refuse before writing when ``out``'s filesystem has less free space than the weights need (plus 10% and 1 MiB
+    for the format's own data): torch's zip writer, which torch.export uses, aborts the whole process when the disk
+    fills under it."""
+    need = int(sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 1.1) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise CheckpointError(f"could not write {out}: {out.parent} has {free / 2**20:.1f} MiB free and the file needs "
+                              f"about {need / 2**20:.1f} MiB: free disk space or choose another path")
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``: with ``overwrite`` by ``os.replace``; without, by ``os.link`` (fails if
+    ``out`` exists: a file another convert wrote meanwhile is never replaced), falling back to a checked rename
+    where the filesystem has no hard links."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ConfigError(f"--out {out} appeared while converting (another process wrote it): it was kept; pass "
+                          f"--overwrite to replace it, or choose another path") from None
+    except OSError:  # no hard links here
+        if out.exists():
+            raise ConfigError(f"--out {out} appeared while converting: it was kept; pass --overwrite to replace it, "
+                              f"or choose another path") from None
+        os.replace(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[[Path], Any],
+                      overwrite: bool = True) -> Any:
     """``write(path)`` into a fresh temporary folder beside ``out``, ``check(path)`` there, then rename every file
     it holds into ``out``'s folder (the main file last, so it appears only complete). Returns ``check``'s result;
     on any failure nothing is left behind and an existing ``out`` is untouched."""
@@ -113,9 +155,17 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
         tmp = tmpdir / out.name
         try:
             write(tmp)
-        except OSError as exc:
-            raise CheckpointError(f"could not write {out} ({exc.strerror or exc}): any previous file is intact; free "
-                                  f"disk space or choose another path") from None
+        except (OSError, RuntimeError, CheckpointError) as exc:  # torch's zip writer: RuntimeError on a full disk
+            if isinstance(exc, OSError):
+                reason = unwritable_reason(out, exc)
+            elif shutil.disk_usage(out.parent).free < (1 << 20):
+                reason = "no space left on the device"
+            elif isinstance(exc, CheckpointError):
+                reason = first_line(exc, 160).replace(str(tmp), str(out))
+            else:
+                raise
+            raise CheckpointError(f"could not write {out} ({reason}): any previous file is intact; free disk space or "
+                                  f"choose another path") from None
         result = check(tmp)
         mask = os.umask(0)
         os.umask(mask)
@@ -123,7 +173,7 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
             os.chmod(done, 0o666 & ~mask)
         for extra in sorted(p for p in tmpdir.iterdir() if p.name != out.name):  # e.g. ONNX external data
             os.replace(extra, out.parent / extra.name)
-        os.replace(tmp, out)
+        publish(tmp, out, overwrite)
         return result
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -191,7 +241,7 @@ def build_timm_twin(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _write_timm(model: SwinTransformer, variant_name: str, out: Path) -> Dict[str, Any]:
+def _write_timm(model: SwinTransformer, variant_name: str, out: Path, overwrite: bool = True) -> Dict[str, Any]:
     name, kwargs = timm_twin_spec(model, variant_name)
     twin = build_timm_twin(name, kwargs).eval()
     expected = twin.state_dict()
@@ -225,7 +275,7 @@ def _write_timm(model: SwinTransformer, variant_name: str, out: Path) -> Dict[st
                                   f"{err:.3g} (max |logit difference|): nothing written; report this as a bug")
         return err
 
-    err = _write_atomically(out, write, check)
+    err = _write_atomically(out, write, check, overwrite)
     if name.startswith("timm.models."):
         load = f"{name}(**timm_kwargs).load_state_dict(<state dict of {out.name}>)"
     else:
@@ -278,14 +328,14 @@ def _check_outputs(model: SwinTransformer, run: Callable[[torch.Tensor], torch.T
     return err
 
 
-def _write_torch_export(model: SwinTransformer, out: Path) -> Dict[str, Any]:
+def _write_torch_export(model: SwinTransformer, out: Path, overwrite: bool = True) -> Dict[str, Any]:
     program, dynamic = _export_program(model)
 
     def check(path: Path) -> float:
         loaded = torch.export.load(str(path)).module()
         return _check_outputs(model, lambda x: loaded(x), dynamic, EXPORT_TOL, f"the reloaded program {out.name}")
 
-    err = _write_atomically(out, lambda path: torch.export.save(program, str(path)), check)
+    err = _write_atomically(out, lambda path: torch.export.save(program, str(path)), check, overwrite)
     return dict(_static_note(model, dynamic), max_abs_diff=err,
                 load=f"torch.export.load({str(out)!r}).module()(images)")
 
@@ -302,7 +352,7 @@ def _require_onnx() -> None:
         raise ConfigError(f"--format onnx needs {', '.join(missing)} (not installed): pip install -e \".[onnx]\"")
 
 
-def _write_onnx(model: SwinTransformer, out: Path) -> Dict[str, Any]:
+def _write_onnx(model: SwinTransformer, out: Path, overwrite: bool = True) -> Dict[str, Any]:
     import warnings
 
     import onnxruntime as ort
@@ -330,7 +380,7 @@ def _write_onnx(model: SwinTransformer, out: Path) -> Dict[str, Any]:
                               ONNX_TOL, f"onnxruntime on {out.name}")
 
     try:
-        err = _write_atomically(out, write, check)
+        err = _write_atomically(out, write, check, overwrite)
     except SwinlabError:
         raise
     except Exception as exc:  # the exporter's own errors are long; one line says which step failed

@@ -34,7 +34,7 @@ from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ..errors import CheckpointError, ConfigError, SwinlabError, first_line
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason, write_failure
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
 
@@ -181,33 +181,6 @@ class RunFolder:
                         os.unlink(full)
             elif self.before[rel] is not None and Path(full).read_bytes() != self.before[rel]:
                 Path(full).write_bytes(self.before[rel])
-
-
-def _blocker(path: Path) -> Path:
-    """The nearest existing path at or above ``path`` (what decides whether it can be created)."""
-    for candidate in (path, *path.parents):
-        if os.path.lexists(candidate):
-            return candidate
-    return Path(".")
-
-
-def unwritable_reason(path: Union[str, Path], exc: Optional[OSError] = None) -> str:
-    """Why ``path`` cannot be created or written, in words: an existing part of it that is a file, a folder that is
-    not writable or on a read-only filesystem, or the error's own reason."""
-    import errno
-
-    path = Path(path)
-    block = _blocker(path)
-    if block != path and not block.is_dir():
-        return f"{block} is a file, not a folder"
-    code = getattr(exc, "errno", None)
-    if code == errno.EROFS:
-        return f"{block} is on a read-only filesystem"
-    if code in (errno.EACCES, errno.EPERM) or (exc is None and not os.access(block, os.W_OK)):
-        return f"{block} is not writable (permission denied)"
-    if code == errno.ENOSPC:
-        return "no space left on the device"
-    return (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "it cannot be written"
 
 
 def _unwritable(path: Path, exc: OSError, key: str) -> str:
@@ -447,6 +420,12 @@ class SwinlabCLI(LightningCLI):
                 if self.config_saver is not None and self.config_saver.written is not None:
                     with contextlib.suppress(OSError):  # no log folder: the config went to default_root_dir
                         self.config_saver.written.unlink(missing_ok=True)
+            failed = next((e for e in _exception_chain(exc) if write_failure(e)), None)
+            if failed is not None and _swinlab_cause(exc) is None:
+                where = failed.filename or self._run_dir()
+                raise SwinlabError(f"could not write {where} ({unwritable_reason(where, failed)}): files written "
+                                   f"before are intact; free disk space or choose a folder this run can write to "
+                                   f"(trainer.logger.init_args.save_dir)") from None
             msg = str(exc)
             folder = self.ckpt_path_in_use is not None and "://" not in str(self.ckpt_path_in_use) \
                 and Path(str(self.ckpt_path_in_use)).is_dir()
@@ -468,6 +447,13 @@ class SwinlabCLI(LightningCLI):
                 os.environ.pop(RUN_VERSION_ENV, None)
             else:
                 os.environ[RUN_VERSION_ENV] = saved_env
+
+    def _run_dir(self) -> str:
+        """The folder this run writes into (its log folder), for a failed write that names no file."""
+        if self.run_folder is not None:
+            return str(self.run_folder.path)
+        trainer = getattr(self, "trainer", None)
+        return str(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or os.getcwd())
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         return _new_parser(**kwargs)
@@ -916,6 +902,15 @@ def parser_message(exc: BaseException, command: Optional[str] = None) -> str:
         choices = [c.strip().strip("'\"") for lit in _LITERAL.findall(raw) for c in lit.split(",")]
         hint = close_matches(given, choices) if choices else ""
     return (text[:600] + hint) or type(exc).__name__
+
+
+def _exception_chain(exc: Optional[BaseException]):
+    """``exc`` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _swinlab_cause(exc: BaseException) -> Optional[SwinlabError]:
