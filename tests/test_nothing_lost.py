@@ -215,6 +215,15 @@ def test_full_disk_while_writing_predictions_and_safetensors(cfg, small_fs, caps
     no_temporaries(small_fs)
 
 
+def test_full_disk_while_a_run_writes_its_config_and_logs(cfg, small_fs, capsys):
+    """A disk with 8 KiB left: the run's config, hparams.yaml or TensorBoard file cannot be written: one line naming
+    the run folder, and the run's partial folder is removed (it had not started)."""
+    fill(small_fs, 8 << 10)
+    refused(*swinlab(["fit", "--config", cfg, "--trainer.logger.init_args.save_dir", str(small_fs / "runs")], capsys),
+            f"could not write {small_fs / 'runs' / 'tiny' / 'version_0'}", "no space left")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"] or not list((small_fs / "runs").rglob("*.yaml"))
+
+
 def test_full_disk_through_python_m_swinlab_convert(small_fs, tmp_path, capsys, monkeypatch):
     """convert on a full disk, each format: one line naming --out before anything is written (torch.export's writer
     would abort the process), the earlier file intact."""
