@@ -2,8 +2,8 @@
 
 Defaults: TensorBoard logging under ``runs/<name>/version_<n>`` (relative to the working directory), a
 ModelCheckpoint on ``val/acc1`` plus ``last.ckpt``, per-group LR, throughput/memory/grad-norm/logit-scale scalars,
-position-bias and attention images, and ``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last``
-resumes the newest run of that name in place.
+position-bias and attention images, per-block signal propagation (``signal/...``: SwinV2's Figure 2 of the run), and
+``best.safetensors`` exported at the end of fit. ``fit --ckpt_path last`` resumes the newest run of that name in place.
 
 Nothing already on disk changes unless asked: every value is checked before anything is written; the version folder
 is reserved with ``os.mkdir`` (two runs started at the same moment never share one); a run that stops before its first
@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Optional, Sequence, Union
@@ -37,6 +38,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason, write_failure
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
+from .preemption import Preemption, Stopped, forget_signals, slurm_restarted, slurm_run_name, stopped_by
+from .signal_monitor import SignalMonitor
 
 # ckpt_path values Lightning resolves itself (not file paths)
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
@@ -301,10 +304,12 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(TrainingMonitor, "monitor")
     parser.add_lightning_class_args(Throughput, "throughput")
     parser.add_lightning_class_args(AttentionImages, "attention_images")
+    parser.add_lightning_class_args(SignalMonitor, "signal")
     parser.add_lightning_class_args(ExportBest, "export")
     parser.add_lightning_class_args(ResumeState, "resume")
     parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
     parser.add_lightning_class_args(PredictionWriter, "predictions")
+    parser.add_lightning_class_args(Preemption, "preemption")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
     add_flag(parser, "--allow_random_weights",
@@ -322,7 +327,7 @@ def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgu
     """The parser ``python -m swinlab <subcommand>`` reads its configuration with, built and returned unused.
 
     Same ``--config`` composition, ``--a.b value`` overrides, sections (trainer, model, data, checkpoint, lr_monitor,
-    monitor, throughput, attention_images, export, resume, nonfinite, predictions, threads, seed_everything,
+    monitor, throughput, attention_images, signal, export, resume, nonfinite, predictions, threads, seed_everything,
     ckpt_path) and defaults (``TRAINER_DEFAULTS``, the checkpoint settings) as :class:`SwinlabCLI`'s parser for that
     subcommand: both are made by the same functions. Nothing is instantiated. ``parser_kwargs`` go to
     ``LightningArgumentParser`` (default ``exit_on_error=False``: bad input raises ``jsonargparse.ArgumentError``;
@@ -551,6 +556,8 @@ class SwinlabCLI(LightningCLI):
         self._monitor_ema(cfg)
         if cfg.get("trainer.enable_checkpointing") is False:
             self._checkpointing_off(cfg)
+        if self.subcommand == "fit" and cfg.get("ckpt_path") is None and slurm_restarted():
+            self._resume_requeued_job(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
             if self._resolve_last(cfg) and Path(cfg.ckpt_path).is_file():  # the checks of an explicit file
                 hparams = self._ckpt_hparams(cfg.ckpt_path)
@@ -617,9 +624,11 @@ class SwinlabCLI(LightningCLI):
         environment. An explicit ``version`` must be a folder that does not exist yet, unless ``fit`` resumes a
         checkpoint into it (``--ckpt_path``; ``--ckpt_path last`` finds it). With the logger off the run writes into
         ``trainer.default_root_dir``: its ``checkpoints`` folder (or ``checkpoint.dirpath``) is claimed the same way."""
-        if cfg.get("trainer.fast_dev_run") or not is_global_zero():
-            if not is_global_zero():
-                self._share_version(cfg)
+        if cfg.get("trainer.fast_dev_run"):
+            return
+        job = self._slurm_job_version(cfg)
+        if not is_global_zero():
+            self._share_version(cfg)
             return
         resuming = self.subcommand == "fit" and bool(cfg.get("ckpt_path"))
         logger = cfg.get("trainer.logger")
@@ -640,7 +649,7 @@ class SwinlabCLI(LightningCLI):
         version = init.get("version")
         if version is not None:
             folder = root / (version if isinstance(version, str) else f"version_{version}")
-            if resuming:
+            if resuming or (job is not None and slurm_restarted()):  # a requeued job keeps its own folder
                 self.run_folder = RunFolder(folder, _new_parents(folder))
                 return
             fresh = f"drop trainer.logger.init_args.version (this run then gets {root / _next_version(root)}) or " \
@@ -672,6 +681,19 @@ class SwinlabCLI(LightningCLI):
         if save_dir is None or "://" in str(save_dir):
             return None
         return Path(save_dir) / str(init.get("name") or "")
+
+    def _slurm_job_version(self, cfg) -> Optional[str]:
+        """A SLURM job without an explicit version logs into ``job<id>`` (:func:`slurm_run_name`): the same folder on
+        every rank and after a requeue. Returns that name, or None outside SLURM or with a version given."""
+        root = self._log_root(cfg)
+        init = cfg.trainer.logger.init_args if root is not None else None
+        if init is None or init.get("version") is not None:
+            return None
+        job = slurm_run_name()
+        if job is not None:
+            init.version = job
+            self.saved_config_unset.append("trainer.logger.init_args.version")
+        return job
 
     def _share_version(self, cfg) -> None:
         """A rank other than 0: log into the version rank 0 reserved (passed on in the environment)."""
@@ -739,6 +761,23 @@ class SwinlabCLI(LightningCLI):
                 callback.unset = list(self.saved_config_unset)
                 self.config_saver = callback
         return trainer
+
+    def _resume_requeued_job(self, cfg) -> None:
+        """A requeued SLURM job (SLURM_RESTART_COUNT >= 1) without --ckpt_path continues from the ``last.ckpt`` in
+        its own run folder (``runs/<name>/job<id>``), when the earlier start wrote one; every rank finds the same
+        file. An explicit ``version`` or ``--ckpt_path`` is left as given."""
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if init is None or init.get("version") is not None or init.get("save_dir") is None:
+            return
+        last = Path(init.save_dir) / str(init.get("name") or "") / slurm_run_name() / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            return
+        cfg.ckpt_path = str(last)
+        if last.is_file():
+            hparams = self._ckpt_hparams(cfg.ckpt_path)
+            if hparams:
+                self._check_ckpt_model(cfg.ckpt_path, hparams)
 
     @staticmethod
     def _resolve_last(cfg) -> bool:
@@ -935,6 +974,7 @@ def config_error(exc: BaseException, command: str) -> SwinlabError:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a LightningCLI subcommand; bad settings raise ConfigError with one line naming the problem."""
     from jsonargparse import ArgumentError
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     saved_argv = sys.argv
@@ -942,10 +982,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # hold this command's arguments (also when main() is called with an explicit argv), or the workers would start
     # without a subcommand and rank 0 would wait for them forever.
     sys.argv = [sys.argv[0], *argv]
+    forget_signals()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         if argv and argv[0] in RUN_COMMANDS:
             check_config_files(argv[1:])
         SwinlabCLI(LightningModule, LightningDataModule, **CLI_KWARGS)
+    except SIGTERMException:  # Lightning's own SIGTERM path (outside training) exits with status None, i.e. 0
+        raise Stopped(signal.SIGTERM) from None
     except ArgumentError as exc:
         raise config_error(exc, argv[0] if argv else "fit") from None
     except SwinlabError as exc:
@@ -957,6 +1001,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise type(cause)(_one_line(cause)) from None
     finally:
         sys.argv = saved_argv
+        for signum, handler in handlers.items():  # Lightning restores the handlers it found: Preemption's
+            if handler is not None:
+                signal.signal(signum, handler)
+    if stopped_by() is not None:  # a signal outside the steps (setup, export): the run did not finish as asked
+        raise Stopped(stopped_by())
     return 0
 
 
