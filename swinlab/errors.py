@@ -45,8 +45,8 @@ def unwritable_reason(path: str | os.PathLike, exc: OSError | None = None) -> st
         return f"{block} is on a read-only filesystem"
     if code in (errno.EACCES, errno.EPERM) or (exc is None and not os.access(block, os.W_OK)):
         return f"{block} is not writable (permission denied)"
-    if code == errno.ENOSPC:
-        return "no space left on the device"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return exc.strerror or os.strerror(code)
     return (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "it cannot be written"
 
 

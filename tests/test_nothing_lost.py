@@ -204,7 +204,7 @@ def test_full_disk_while_writing_predictions_and_safetensors(cfg, small_fs, caps
     fill(small_fs, 20 << 10)
     rc, err = swinlab(["predict", "--config", cfg, "--trainer.logger.init_args.save_dir", str(small_fs / "runs"),
                        "--allow_random_weights"], capsys)
-    refused(rc, err, "could not write predictions", "predictions.csv", "no space left")
+    refused(rc, err, "could not write predictions", "predictions.csv", "No space left on device")
     (small_fs / "filler").unlink()
     fill(small_fs, 64 << 10)
     rc, err = swinlab(["fit", "--config", cfg, "--trainer.logger.init_args.save_dir", str(small_fs / "runs"),
@@ -220,7 +220,7 @@ def test_full_disk_while_a_run_writes_its_config_and_logs(cfg, small_fs, capsys)
     the run folder, and the run's partial folder is removed (it had not started)."""
     fill(small_fs, 8 << 10)
     refused(*swinlab(["fit", "--config", cfg, "--trainer.logger.init_args.save_dir", str(small_fs / "runs")], capsys),
-            f"could not write {small_fs / 'runs' / 'tiny' / 'version_0'}", "no space left")
+            f"could not write {small_fs / 'runs' / 'tiny' / 'version_0'}", "No space left on device")
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"] or not list((small_fs / "runs").rglob("*.yaml"))
 
 

@@ -16,6 +16,7 @@ checkpoint never.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -159,7 +160,7 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
             if isinstance(exc, OSError):
                 reason = unwritable_reason(out, exc)
             elif shutil.disk_usage(out.parent).free < (1 << 20):
-                reason = "no space left on the device"
+                reason = os.strerror(errno.ENOSPC)
             elif isinstance(exc, CheckpointError):
                 reason = first_line(exc, 160).replace(str(tmp), str(out))
             else:
