@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, first_line
+from ..errors import CheckpointError, ConfigError, first_line, unwritable_reason
 from .config import SwinConfig
 from .hub import check_preprocessing, preprocessing_of
 from .limits import check_saved_config, saved_fields
@@ -304,7 +304,6 @@ def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name
     input_size, interpolation, crop_pct) as safetensors, atomically (temp file + rename)."""
     from safetensors.torch import save_file
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = model_name or getattr(model, "variant_name", None) or ""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "swinlab_model": name, "swinlab_config": json.dumps(model.config.to_dict())}
@@ -312,16 +311,22 @@ def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name
     if preprocessing:
         meta["pretrained_cfg"] = json.dumps(preprocessing)
     meta.update(extra_metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+        os.close(fd)
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
+    except Exception as exc:  # OSError, or safetensors' own error for a failed write (a full disk: IoError)
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise CheckpointError(f"could not write {path} ({exc.strerror or exc}): any previous file is intact; free "
-                              f"disk space or choose another path") from None
+        text = str(exc).lower()
+        if not isinstance(exc, OSError) and not any(w in text for w in ("ioerror", "i/o error", "os error")):
+            raise
+        reason = unwritable_reason(path, exc) if isinstance(exc, OSError) else first_line(exc, 160)
+        raise CheckpointError(f"could not write {path} ({reason}): any previous file is intact; free disk space or "
+                              f"choose another path") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -581,24 +581,41 @@ class PredictionWriter(BasePredictionWriter):
         names = self._names(trainer, pl_module)
         k = len(ordered[0][1]) if ordered else self.top_k
         header = ["input"] + [f"{kind}{i + 1}" for i in range(k) for kind in ("class", "prob")]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = _free_name(out_dir / self.filename)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            for i, classes, probs in ordered:
-                cells = [inputs[i] if inputs is not None and i < len(inputs) else str(i)]
-                for c, p in zip(classes, probs):
-                    cells += [names[c] if names is not None and c < len(names) else str(c), f"{p:.6f}"]
-                writer.writerow(cells)
-        os.replace(tmp, self.path)
+        target, tmp = out_dir / self.filename, None
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.path = _free_name(target)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(header)
+                for i, classes, probs in ordered:
+                    cells = [inputs[i] if inputs is not None and i < len(inputs) else str(i)]
+                    for c, p in zip(classes, probs):
+                        cells += [names[c] if names is not None and c < len(names) else str(c), f"{p:.6f}"]
+                    writer.writerow(cells)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            from ..errors import unwritable_reason
+            for leftover in (tmp, self.path):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink(missing_ok=True)  # the claimed name and the partial file: nothing half-written
+            where = self.path or target
+            self.path = None
+            raise SwinlabError(f"could not write predictions {where} ({unwritable_reason(where, exc)}): nothing else "
+                               f"was changed; free disk space or log the run elsewhere (trainer.logger.init_args."
+                               f"save_dir)") from None
 
 
 def _free_name(path: Path) -> Path:
-    """``path`` if it does not exist, else ``<stem>_1<suffix>``, ``<stem>_2<suffix>`` ...: nothing is overwritten."""
+    """``path`` if it does not exist, else ``<stem>_1<suffix>``, ``<stem>_2<suffix>`` ...: nothing is overwritten. The
+    name is claimed by creating it (``open(..., "x")``), so two writers at the same moment never get the same one."""
     n, candidate = 0, path
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
+    while True:
+        try:
+            with open(candidate, "x"):
+                return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")

@@ -44,15 +44,40 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
         _unlink_quietly(tmp)
-        reason = exc.strerror or str(exc)
-        raise CheckpointError(f"could not write checkpoint {path} ({reason}): the previous checkpoint is intact; "
-                              f"free disk space or set another checkpoint directory, then resume with "
-                              f"--ckpt_path last") from None
+        reason = _write_reason(exc, path)
+        if reason is None:
+            raise
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}): the previous "
+                              f"checkpoint is intact; free disk space or set another checkpoint directory, then "
+                              f"resume with --ckpt_path last") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def _write_reason(exc: BaseException, path: Path) -> Optional[str]:
+    """Why a save failed, in words, when it failed to write: an OSError's own reason (also one that torch's zip writer
+    turned into a ``RuntimeError``: ``unexpected pos ...``, ``file write failed``), or a full disk; None for another
+    error (a bug, not the disk)."""
+    import errno
+    import shutil
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    text = str(exc).strip()
+    if "write" in text.lower() or "unexpected pos" in text:
+        return (text.splitlines() or [type(exc).__name__])[0][:160]
+    return None
 
 
 def _unlink_quietly(path: Path) -> None:

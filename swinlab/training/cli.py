@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -35,7 +35,7 @@ from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ..errors import CheckpointError, ConfigError, SwinlabError, first_line
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason, write_failure
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
 from .preemption import Preemption, Stopped, forget_signals, slurm_restarted, slurm_run_name, stopped_by
@@ -186,33 +186,6 @@ class RunFolder:
                 Path(full).write_bytes(self.before[rel])
 
 
-def _blocker(path: Path) -> Path:
-    """The nearest existing path at or above ``path`` (what decides whether it can be created)."""
-    for candidate in (path, *path.parents):
-        if os.path.lexists(candidate):
-            return candidate
-    return Path(".")
-
-
-def unwritable_reason(path: Union[str, Path], exc: Optional[OSError] = None) -> str:
-    """Why ``path`` cannot be created or written, in words: an existing part of it that is a file, a folder that is
-    not writable or on a read-only filesystem, or the error's own reason."""
-    import errno
-
-    path = Path(path)
-    block = _blocker(path)
-    if block != path and not block.is_dir():
-        return f"{block} is a file, not a folder"
-    code = getattr(exc, "errno", None)
-    if code == errno.EROFS:
-        return f"{block} is on a read-only filesystem"
-    if code in (errno.EACCES, errno.EPERM) or (exc is None and not os.access(block, os.W_OK)):
-        return f"{block} is not writable (permission denied)"
-    if code == errno.ENOSPC:
-        return "no space left on the device"
-    return (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "it cannot be written"
-
-
 def _unwritable(path: Path, exc: OSError, key: str) -> str:
     return f"cannot create {path}: {unwritable_reason(path, exc)}: set {key} to a folder this run can write to"
 
@@ -281,9 +254,40 @@ def _add_seed_argument(parser: LightningArgumentParser) -> None:
                              "Set to True to use a random seed.")
 
 
+# Trainer arguments whose annotation makes a command-line value mean something else than Lightning reads it as:
+# ``limit_*_batches: Union[float, int, None]`` turns ``1`` (one batch) into ``1.0`` (all of them), in a YAML file and
+# on the command line alike; ``devices: Union[list[int], str, int]`` keeps ``--trainer.devices 2`` a string, which the
+# pre-flight checks (a mesh that cannot fit) would not count. The same arguments with the int tried first (Annotated:
+# ``Union[int, float]`` equals ``Union[float, int]``, and typing's cache would hand back Lightning's order).
+_COUNT_OR_FRACTION = Optional[Union[Annotated[int, "batches"], float]]
+RETYPED_TRAINER_ARGS: Dict[str, Any] = {
+    **{f"limit_{split}_batches": _COUNT_OR_FRACTION for split in ("train", "val", "test", "predict")},
+    "overfit_batches": Union[Annotated[int, "batches"], float],
+    "devices": Union[Annotated[int, "devices"], List[int], str],
+}
+_RETYPED_HELP = {
+    "devices": "Number of devices (an int), a list of device indices, or 'auto' (default), per node.",
+    "overfit_batches": "Overfit a fraction of the training data (float) or a number of batches (int). Default: 0.0.",
+}
+
+
+def _add_trainer_arguments(parser: LightningArgumentParser) -> None:
+    """The trainer section: Lightning's Trainer arguments as ``add_lightning_class_args`` adds them, except those in
+    :data:`RETYPED_TRAINER_ARGS`, added with their int reading first (``1`` is one batch, ``1.0`` all of them)."""
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
+                               skip=set(RETYPED_TRAINER_ARGS))
+    params = inspect.signature(Trainer.__init__).parameters
+    for name, hint in RETYPED_TRAINER_ARGS.items():
+        split = name[len("limit_"):-len("_batches")] if name.startswith("limit_") else None
+        text = _RETYPED_HELP.get(name) or (f"How much of the {split} data to use per epoch: an int is that many "
+                                           f"batches (1 = one batch), a float that fraction (1.0 = all). Per device. "
+                                           f"Default: 1.0.")
+        parser.add_argument(f"--trainer.{name}", type=hint, default=params[name].default, help=text)
+
+
 def _add_core_arguments(parser: LightningArgumentParser) -> None:
     """trainer (with TRAINER_DEFAULTS), model and data: any LightningModule / LightningDataModule by class_path."""
-    parser.add_lightning_class_args(Trainer, "trainer")
+    _add_trainer_arguments(parser)
     parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items() if k != "callbacks"})
     parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
@@ -308,9 +312,15 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(Preemption, "preemption")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
-    parser.add_argument("--allow_random_weights", type=bool, default=False,
-                        help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
-                             "model.init_args.checkpoint gives weights (refused otherwise)")
+    add_flag(parser, "--allow_random_weights",
+             help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
+                  "model.init_args.checkpoint gives weights (refused otherwise)")
+
+
+def add_flag(parser, name: str, default: bool = False, help: str = "") -> None:
+    """A boolean option that takes the bare form (``--name``: true) as well as ``--name true|false`` and ``name:
+    true`` in a config file: what a message may suggest is what the parser accepts."""
+    parser.add_argument(name, type=bool, nargs="?", const=True, default=default, help=help)
 
 
 def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgumentParser:
@@ -415,6 +425,12 @@ class SwinlabCLI(LightningCLI):
                 if self.config_saver is not None and self.config_saver.written is not None:
                     with contextlib.suppress(OSError):  # no log folder: the config went to default_root_dir
                         self.config_saver.written.unlink(missing_ok=True)
+            failed = next((e for e in _exception_chain(exc) if write_failure(e)), None)
+            if failed is not None and _swinlab_cause(exc) is None:
+                where = failed.filename or self._run_dir()
+                raise SwinlabError(f"could not write {where} ({unwritable_reason(where, failed)}): files written "
+                                   f"before are intact; free disk space or choose a folder this run can write to "
+                                   f"(trainer.logger.init_args.save_dir)") from None
             msg = str(exc)
             folder = self.ckpt_path_in_use is not None and "://" not in str(self.ckpt_path_in_use) \
                 and Path(str(self.ckpt_path_in_use)).is_dir()
@@ -440,6 +456,13 @@ class SwinlabCLI(LightningCLI):
     def _undo_run_folder(self) -> None:
         if not self.first_batch.seen and self.run_folder is not None:
             self.run_folder.rollback()
+
+    def _run_dir(self) -> str:
+        """The folder this run writes into (its log folder), for a failed write that names no file."""
+        if self.run_folder is not None:
+            return str(self.run_folder.path)
+        trainer = getattr(self, "trainer", None)
+        return str(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or os.getcwd())
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         return _new_parser(**kwargs)
@@ -1008,6 +1031,15 @@ def parser_message(exc: BaseException, command: Optional[str] = None) -> str:
         choices = [c.strip().strip("'\"") for lit in _LITERAL.findall(raw) for c in lit.split(",")]
         hint = close_matches(given, choices) if choices else ""
     return (text[:600] + hint) or type(exc).__name__
+
+
+def _exception_chain(exc: Optional[BaseException]):
+    """``exc`` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _swinlab_cause(exc: BaseException) -> Optional[SwinlabError]:
