@@ -9,6 +9,7 @@ Commands:
   bench                             throughput/memory side by side with timm (swinlab.tools.bench)
   estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.tools.estimate)
   ablate                            resolution-transfer ablation studies (swinlab.tools.ablate)
+  data optimize | bench             image folder -> LitData shards; the data path's images/s (swinlab.tools.data)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ COMMANDS = {
     "bench": "swinlab.tools.bench",
     "estimate": "swinlab.tools.estimate",
     "ablate": "swinlab.tools.ablate",
+    "data": "swinlab.tools.data",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
