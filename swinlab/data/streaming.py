@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
+
 from ..errors import ConfigError, first_line
 from .common import SampleIndex, sample_seed, seeded_rng
 from .folder import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderDataModule, load_rgb
@@ -168,6 +170,8 @@ def _loader_class():
         def __iter__(self):
             # a generator: runs at the first batch, after Lightning has restored the checkpoint and set the epoch
             state, self._pending = self._pending, None
+            self.restore = False  # a position loaded before is the previous iteration's (which Lightning may leave
+            # unfinished: it stops at the epoch's batch count without asking for the end): this one is a new epoch
             if state:
                 mine = state.pop("trainer_epoch", None)
                 if mine is None or mine == self._epoch_of():
@@ -253,8 +257,10 @@ class StreamingImageDataModule(ImageFolderDataModule):
         if len(self.train_set) < self.batch_size * replicas:
             raise ConfigError(f"the training shards hold {len(self.train_set)} samples, fewer than one batch "
                               f"({self.batch_size} x {replicas} process(es)): lower data.init_args.batch_size")
+        # the loaders' own generators: creating an iterator then draws nothing from the global RNG
         loader = _loader_class()(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
-                                 pin_memory=self.pin_memory, drop_last=True, epoch_of=self._epoch)
+                                 pin_memory=self.pin_memory, drop_last=True, epoch_of=self._epoch,
+                                 generator=torch.Generator().manual_seed(self.seed))
         if self._pending_loader_state:
             loader.load_state_dict(self._pending_loader_state)
             self._pending_loader_state = None
@@ -266,7 +272,7 @@ class StreamingImageDataModule(ImageFolderDataModule):
             self.setup("validate")
         from litdata import StreamingDataLoader
         return StreamingDataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                                   pin_memory=self.pin_memory)
+                                   pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.seed))
 
     def predict_inputs(self) -> List[str]:
         if self.predict_dir is not None:
