@@ -254,6 +254,7 @@ def test_two_process_fit_from_shards_killed_mid_epoch_resumes_exactly(shards, tm
     assert not diff, diff[:5]  # bit-identical weights
 
 
+@pytest.mark.slow
 def test_resume_from_an_epoch_end_checkpoint_starts_the_next_epoch_as_an_uninterrupted_run(shards, tmp_path,
                                                                                              monkeypatch):
     """One process, 2 epochs of 6 batches (of 9), straight and stopped after epoch 0 (a test callback sets
@@ -282,3 +283,29 @@ def test_resume_from_an_epoch_end_checkpoint_starts_the_next_epoch_as_an_uninter
     assert (whole["global_step"], cut["global_step"]) == (12, 12)
     diff = [k for k, v in whole["state_dict"].items() if not torch.equal(v, cut["state_dict"][k])]
     assert not diff, diff[:5]
+
+
+@pytest.mark.slow
+def test_data_bench_reports_folder_shards_and_timm_as_json(shards, capsys):
+    """The benchmark runs and its JSON has the figures (no timed asserts: a benchmark prints figures)."""
+    from swinlab.__main__ import main as swinlab_main
+    root, _ = shards
+    assert swinlab_main(["data", "bench", "--src", str(root / "photos"), "--shards", str(root / "shards"),
+                         "--compare", "timm", "--workers", "1", "--batch-size", "8", "--batches", "2", "--warmup",
+                         "1", "--rounds", "2", "--img-size", "64", "--auto-augment", "rand-m9-mstd0.5",
+                         "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {k: result[k] for k in ("workers", "batch_size", "img_size", "rounds")} == {
+        "workers": 1, "batch_size": 8, "img_size": 64, "rounds": 2}
+    assert [r["pipeline"] for r in result["pipelines"]] == ["folder", "shards", "timm"]
+    for row in result["pipelines"]:
+        assert row["error"] is None and len(row["rounds"]) == 2 and all(r > 0 for r in row["rounds"])
+        assert row["images_per_s"] == pytest.approx(sum(row["rounds"]) / 2)  # the median of two rounds
+        assert row["images_per_s_per_worker"] == row["images_per_s"] and row["peak_rss_mb"] > 100
+    # shards as --src: the shards alone; a folder that is neither: one line
+    assert swinlab_main(["data", "bench", "--src", str(root / "shards"), "--batch-size", "8", "--batches", "1",
+                         "--warmup", "0", "--rounds", "1", "--img-size", "32", "--workers", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["pipeline", "images/s"] and out[2].startswith("shards ") and len(out) == 3
+    assert swinlab_main(["data", "bench", "--src", str(root / "nope")]) == 2
+    assert "neither an image folder nor a shard folder" in capsys.readouterr().err
