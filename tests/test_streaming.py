@@ -302,10 +302,11 @@ def test_data_bench_reports_folder_shards_and_timm_as_json(shards, capsys):
         assert row["error"] is None and len(row["rounds"]) == 2 and all(r > 0 for r in row["rounds"])
         assert row["images_per_s"] == pytest.approx(sum(row["rounds"]) / 2)  # the median of two rounds
         assert row["images_per_s_per_worker"] == row["images_per_s"] and row["peak_rss_mb"] > 100
+        assert row["images_per_cpu_s"] > 0
     # shards as --src: the shards alone; a folder that is neither: one line
     assert swinlab_main(["data", "bench", "--src", str(root / "shards"), "--batch-size", "8", "--batches", "1",
                          "--warmup", "0", "--rounds", "1", "--img-size", "32", "--workers", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split()[:2] == ["pipeline", "images/s"] and out[2].startswith("shards ") and len(out) == 3
+    assert out[1].split()[:3] == ["pipeline", "images/s", "per"] and out[2].startswith("shards ") and len(out) == 3
     assert swinlab_main(["data", "bench", "--src", str(root / "nope")]) == 2
     assert "neither an image folder nor a shard folder" in capsys.readouterr().err

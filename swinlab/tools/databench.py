@@ -5,13 +5,15 @@ shards (StreamingImageDataModule's; written to a temporary folder with ``data op
 them) and, with ``--compare timm``, timm's own loader (``timm.data.create_dataset`` + ``create_loader``) on the same
 files with the same augmentation settings. ``--src SHARDS`` measures the shards alone.
 
-Each pipeline runs with ``--workers`` loader processes (0: in this process). Every round builds a fresh iterator
-per pipeline (its workers start, run and stop before the next pipeline starts, so pipelines never compete for
-cores), discards ``--warmup`` batches (worker start-up, the first chunk reads) and times the next ``--batches``;
-the pipelines' order rotates each round, so machine noise falls on all of them alike. The figure is the median over
+Each pipeline runs with ``--workers`` loader processes (0: in this process). Every round builds a fresh iterator per
+pipeline (its workers start, run and stop before the next pipeline starts, so pipelines never compete for cores),
+discards ``--warmup`` batches (worker start-up, the first chunk reads) and times the next ``--batches``; the
+pipelines' order rotates each round, so machine noise falls on all of them alike. The figure is the median over
 ``--rounds`` of images/s, and images/s per worker process (the whole rate over ``max(workers, 1)``): what one loader
-core delivers. Peak RSS: the largest sum of the resident memory of this process and its loader workers, sampled
-every 20 ms while a pipeline runs (its first round included).
+core delivers when each worker has a core to itself. ``images_per_cpu_s``: images per second of CPU time spent by
+this process and its workers while timed (median over rounds), the same figure measured by CPU time instead of wall
+time, so it holds on a machine whose cores are shared with other work. Peak RSS: the largest sum of the resident
+memory of this process and its loader workers, sampled every 20 ms while a pipeline runs (its first round included).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError, first_line
 
@@ -113,24 +115,39 @@ def pipelines(args) -> Dict[str, Callable[[], Any]]:
     return out
 
 
-def _one_round(make: Callable[[], Any], warmup: int, batches: int) -> float:
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its live children (the loader workers)."""
+    import psutil
+    me, total = psutil.Process(), 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a worker that just exited
+            pass
+    return total
+
+
+def _one_round(make: Callable[[], Any], warmup: int, batches: int) -> Tuple[float, float]:
+    """(images per wall second, images per CPU second) over ``batches`` batches after ``warmup``."""
     loader = make()
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), _cpu_seconds()
     for _ in range(batches):
         x = next(it)[0]
         n += len(x)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     del it, loader
-    return n / seconds
+    return n / seconds, n / cpu if cpu > 0 else float("nan")
 
 
 def run(args) -> Dict[str, Any]:
     made = pipelines(args)
     names = list(made)
     rates: Dict[str, List[float]] = {n: [] for n in names}
+    per_cpu: Dict[str, List[float]] = {n: [] for n in names}
     peak: Dict[str, int] = {n: 0 for n in names}
     errors: Dict[str, str] = {}
     for r in range(args.rounds):
@@ -140,7 +157,9 @@ def run(args) -> Dict[str, Any]:
                 continue
             try:
                 with PeakRSS() as rss:
-                    rates[name].append(_one_round(made[name], args.warmup, args.batches))
+                    wall, cpu = _one_round(made[name], args.warmup, args.batches)
+                rates[name].append(wall)
+                per_cpu[name].append(cpu)
                 peak[name] = max(peak[name], rss.peak)
             except StopIteration:
                 errors[name] = (f"fewer than {args.warmup + args.batches} batches of {args.batch_size}: lower "
@@ -152,6 +171,7 @@ def run(args) -> Dict[str, Any]:
     for name in names:
         med = statistics.median(rates[name]) if rates[name] else None
         rows.append({"pipeline": name, "images_per_s": med, "images_per_s_per_worker": med / per if med else None,
+                     "images_per_cpu_s": statistics.median(per_cpu[name]) if per_cpu[name] else None,
                      "rounds": rates[name], "peak_rss_mb": peak[name] / 2**20 if peak[name] else None,
                      "error": errors.get(name)})
     import PIL
@@ -173,13 +193,13 @@ def table(result: Dict[str, Any]) -> str:
     w = result["workers"]
     lines = [f"{result['src']}: batch {result['batch_size']}, {result['img_size']} px, auto_augment "
              f"{result['auto_augment']}, {w} worker(s), median of {result['rounds']} rounds of {result['batches']} "
-             f"batches", f"{'pipeline':<8} {'images/s':>9} {'per worker':>10} {'peak RSS MB':>11}"]
+             f"batches", f"{'pipeline':<8} {'images/s':>9} {'per worker':>10} {'per CPU-s':>9} {'peak RSS MB':>11}"]
     for r in result["pipelines"]:
         if r["error"]:
             lines.append(f"{r['pipeline']:<8} failed: {r['error']}")
         else:
             lines.append(f"{r['pipeline']:<8} {r['images_per_s']:9.1f} {r['images_per_s_per_worker']:10.1f} "
-                         f"{r['peak_rss_mb']:11.0f}")
+                         f"{r['images_per_cpu_s']:9.1f} {r['peak_rss_mb']:11.0f}")
     return "\n".join(lines)
 
 
