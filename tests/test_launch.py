@@ -153,6 +153,10 @@ def test_strategy_fits_validates_saves_and_resumes_through_the_cli(matrix, name)
     scales = [e.value for t in scalars if t.startswith("logit_scale/") for e in ea.Scalars(t)]
     assert scales and all(1.0 < v <= 100.0 for v in scales)  # exp(clamped logit scale), init 10
     assert {"position_bias/stage0", "position_bias/stage3", "attention/stage0"} <= set(ea.Tags()["images"])
+    # the signal-propagation instrument under every strategy: one amplitude per block, reduced over the ranks
+    blocks = {f"signal/rms/s{i}b{j}" for i in range(4) for j in range(2)}
+    assert blocks <= set(scalars) and "signal/amplitude" in ea.Tags()["images"]
+    assert all(0.5 < e.value < 10 for t in blocks for e in ea.Scalars(t))
 
     import swinlab  # the export: fp32 backbone weights, loadable by name, finite logits
     model = swinlab.create_model(PICO, checkpoint=str(run / "best.safetensors"))
@@ -184,7 +188,7 @@ def test_simmim_pretrains_under_fsdp2(matrix):
     assert all(p["strategy"] == "ModelParallelStrategy" and [s["step"] for s in p["steps"]] == [1, 2, 3]
                for p in fit)
     assert not {s["images"] for s in fit[0]["steps"]} & {s["images"] for s in fit[1]["steps"]}
-    run = tmp_path / "runs" / "simmim_quick" / "pretrain"
+    run = tmp_path / "runs" / "simmim_quick" / "version_0"
     ea = events(run)
     assert "simmim/reconstruction" in ea.Tags()["images"]
     assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("val/loss"))

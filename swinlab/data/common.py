@@ -19,6 +19,7 @@ import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -72,19 +73,21 @@ def aug_generator(index: Any, seed: int = 0) -> torch.Generator:
 
 @contextlib.contextmanager
 def seeded_rng(index: Any) -> Iterator[None]:
-    """Inside: Python's ``random`` and torch's CPU RNG seeded by the index's ``aug_seed`` (no-op for a plain int);
-    the global states are restored on exit, so augmentation neither consumes nor depends on them."""
+    """Inside: Python's ``random``, NumPy's global RNG and torch's CPU RNG seeded by the index's ``aug_seed`` (no-op
+    for a plain int); the global states are restored on exit, so augmentation neither consumes nor depends on them."""
     s = getattr(index, "aug_seed", None)
     if s is None:
         yield
         return
-    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(int(s))
+    np.random.seed(int(s) % 2**32)  # timm's RandAugment and AugMix draw their ops from NumPy's global RNG
     torch.manual_seed(int(s))
     try:
         yield
     finally:
         random.setstate(py_state)
+        np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
 
 
