@@ -18,13 +18,13 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import ConfigError, first_line
 from .common import SampleIndex, sample_seed, seeded_rng
-from .folder import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderDataModule, load_rgb
+from .folder import DEFAULT_MAX_IMAGE_PIXELS, IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, load_rgb
 
 SPLITS = ("train", "val")
 CLASSES_FILE = "classes.json"
@@ -186,7 +186,7 @@ def _loader_class():
 class StreamingImageDataModule(ImageFolderDataModule):
     """Training and validation from a shard folder written by ``python -m swinlab data optimize`` (``data_dir``: a
     local path or an object-store URL), with ImageFolderDataModule's transforms and their settings (``img_size``,
-    ``auto_augment``, ``color_jitter``, ``re_prob``, ``re_mode``, ``interpolation``, ``crop_pct``). Each data-parallel
+    ``auto_augment``, ``color_jitter``, ``re_prob``, ``re_mode``, ``interpolation``, ``crop_pct``, ``mean``, ``std``). Each data-parallel
     rank streams its own chunks; the training loader's position is saved in checkpoints (exact mid-epoch resume).
     ``cache_dir`` / ``max_cache_size``: where and how much of a remote data set LitData keeps on local disk.
     ``predict_dir``: images to predict on, as for ImageFolderDataModule. Training loader workers are started anew
@@ -197,11 +197,12 @@ class StreamingImageDataModule(ImageFolderDataModule):
                  re_prob: float = 0.25, re_mode: str = "pixel", interpolation: str = "bicubic",
                  crop_pct: float = 224 / 256, num_workers: int = 8, pin_memory: bool = True, seed: int = 0,
                  eval_batch_size: Optional[int] = None, cache_dir: Optional[str] = None, max_cache_size: str = "50GB",
-                 predict_dir: Optional[str] = None):
+                 predict_dir: Optional[str] = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         super().__init__(data_dir=data_dir, img_size=img_size, batch_size=batch_size, auto_augment=auto_augment,
                          color_jitter=color_jitter, re_prob=re_prob, re_mode=re_mode, interpolation=interpolation,
                          crop_pct=crop_pct, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                         seed=seed, eval_batch_size=eval_batch_size, predict_dir=predict_dir)
+                         seed=seed, eval_batch_size=eval_batch_size, predict_dir=predict_dir, mean=mean, std=std)
         self.shards = str(data_dir)
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
 

@@ -105,12 +105,11 @@ def pipelines(args) -> Dict[str, Callable[[], Any]]:
             ref = _folder_module(args, folder)  # the same augmentation settings, read from the folder module
             train = os.path.join(folder, ref.train_dir)
             dataset = timm.data.create_dataset("", root=train, split="train", is_training=True)
-            from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
             return timm.data.create_loader(
                 dataset, input_size=(3, *ref.img_size), batch_size=args.batch_size, is_training=True,
                 use_prefetcher=False, no_aug=False, re_prob=ref.re_prob, re_mode=ref.re_mode,
                 color_jitter=ref.color_jitter, auto_augment=ref.auto_augment, interpolation=ref.interpolation,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=args.workers, persistent_workers=False)
+                mean=ref.mean, std=ref.std, num_workers=args.workers, persistent_workers=False)
         out["timm"] = timm_loader
     return out
 
