@@ -184,13 +184,13 @@ def _loader_class():
 
 
 class StreamingImageDataModule(ImageFolderDataModule):
-    """Training and validation from a shard folder written by ``python -m swinlab data optimize`` (``data_dir``: a
-    local path or an object-store URL), with ImageFolderDataModule's transforms and their settings (``img_size``,
-    ``auto_augment``, ``color_jitter``, ``re_prob``, ``re_mode``, ``interpolation``, ``crop_pct``, ``mean``, ``std``). Each data-parallel
-    rank streams its own chunks; the training loader's position is saved in checkpoints (exact mid-epoch resume).
-    ``cache_dir`` / ``max_cache_size``: where and how much of a remote data set LitData keeps on local disk.
-    ``predict_dir``: images to predict on, as for ImageFolderDataModule. Training loader workers are started anew
-    each epoch (LitData keeps its position inside them)."""
+    """Training and validation from a shard folder written by ``python -m swinlab data optimize`` (``data_dir``: a local
+    path or an object-store URL), with ImageFolderDataModule's transforms and their settings (``img_size``,
+    ``auto_augment``, ``color_jitter``, ``re_prob``, ``re_mode``, ``interpolation``, ``crop_pct``, ``mean``,
+    ``std``). Each data-parallel rank streams its own chunks; the training loader's position is saved in checkpoints
+    (exact mid-epoch resume). ``cache_dir`` / ``max_cache_size``: where and how much of a remote data set LitData
+    keeps on local disk. ``predict_dir``: images to predict on, as for ImageFolderDataModule. Training loader
+    workers are started anew each epoch (LitData keeps its position inside them)."""
 
     def __init__(self, data_dir: str = "data/shards", img_size: Any = 224, batch_size: int = 128,
                  auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4,
