@@ -252,7 +252,8 @@ def report(rows: List[Dict[str, Any]], steps: List[Dict[str, Any]], provenance: 
         lines += [f"Made by `{provenance.get('command')}` at commit {provenance.get('commit')} on "
                   f"{provenance.get('date')} (swinlab {v.get('swinlab')}, torch {v.get('torch')}, lightning "
                   f"{v.get('lightning')}; Python {provenance.get('python')}; {provenance.get('cpus')} CPUs, "
-                  f"{provenance.get('jobs')} job(s) x 1 thread, {provenance.get('minutes')} min).", ""]
+                  f"{provenance.get('jobs')} job(s) x 1 thread, {provenance.get('minutes')} min"
+                  + (f", {provenance['cpu_minutes']} CPU-min" if "cpu_minutes" in provenance else "") + ").", ""]
     for name, sec in SECTIONS.items():
         have = [r for r in rows if r["section"] == name]
         if not have:
@@ -367,6 +368,7 @@ def write_csv(path: Path, rows: List[Dict[str, Any]], fields: Sequence[str]) -> 
 
 
 def provenance(argv: Sequence[str], jobs: int, minutes: float) -> Dict[str, Any]:
+    import resource
     import subprocess
     from importlib.metadata import version
 
@@ -382,7 +384,10 @@ def provenance(argv: Sequence[str], jobs: int, minutes: float) -> Dict[str, Any]
             "versions": {p: version(p) for p in ("swinlab", "torch", "lightning", "timm")},
             "python": platform.python_version(), "command": " ".join(["python -m swinlab signal", *argv]),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "cpus": os.cpu_count(), "jobs": jobs, "threads": 1,
-            "minutes": round(minutes, 2)}
+            "minutes": round(minutes, 2),
+            # CPU time of this process and its workers: what the study costs on a machine shared with other work
+            "cpu_minutes": round(sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                                     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 60, 2)}
 
 
 def _rows_sorted(rows):
