@@ -209,36 +209,38 @@ def _fmt(iv: Interval, nd: int = 2, signed: bool = False) -> str:
     return f"{iv.mean:{f}} [{iv.low:{f}}, {iv.high:{f}}]"
 
 
-# (claim, section, phase, measure, (size, variant), (size, variant), expected sign of a - b)
+# (claim, section, measure, (size, variant, phase), (size, variant, phase), expected sign of a - b)
 CLAIMS = [
-    ("pre-norm's amplitude spread grows with depth (G's depths against T's)", "depth", "trained", "spread",
-     ("G", "pre_dot"), ("T", "pre_dot"), "higher"),
-    ("res-post-norm keeps the amplitudes flatter than pre-norm: T's depths, dot attention", "depth", "trained",
-     "spread", ("T", "post_dot"), ("T", "pre_dot"), "lower"),
-    ("... S, B, L and H's depths, dot attention", "depth", "trained", "spread", ("SBLH", "post_dot"),
-     ("SBLH", "pre_dot"), "lower"),
-    ("... G's depths, dot attention", "depth", "trained", "spread", ("G", "post_dot"), ("G", "pre_dot"), "lower"),
-    ("... G's depths, scaled cosine attention", "depth", "trained", "spread", ("G", "post_cosine"),
-     ("G", "pre_cosine"), "lower"),
-    ("scaled cosine attention keeps the attention logits in a narrower range than dot attention (res-post-norm, "
-     "G's depths)", "depth", "trained", "logit_range", ("G", "post_cosine"), ("G", "post_dot"), "lower"),
+    ("pre-norm's amplitude spread grows with depth (G's depths against T's)", "depth", "spread",
+     ("G", "pre_dot", "trained"), ("T", "pre_dot", "trained"), "higher"),
+    ("res-post-norm keeps the amplitudes flatter than pre-norm: T's depths, dot attention", "depth", "spread",
+     ("T", "post_dot", "trained"), ("T", "pre_dot", "trained"), "lower"),
+    ("... S, B, L and H's depths, dot attention", "depth", "spread", ("SBLH", "post_dot", "trained"),
+     ("SBLH", "pre_dot", "trained"), "lower"),
+    ("... G's depths, dot attention", "depth", "spread", ("G", "post_dot", "trained"), ("G", "pre_dot", "trained"),
+     "lower"),
+    ("... G's depths, scaled cosine attention", "depth", "spread", ("G", "post_cosine", "trained"),
+     ("G", "pre_cosine", "trained"), "lower"),
+    ("dot-product attention logits grow in training under res-post-norm (G's depths)", "depth", "logit_range",
+     ("G", "post_dot", "trained"), ("G", "post_dot", "init"), "higher"),
+    ("under res-post-norm, dot-product logits outgrow the scaled cosine ones (\"a few pixel pairs dominate\"; "
+     "G's depths)", "depth", "logit_range", ("G", "post_dot", "trained"), ("G", "post_cosine", "trained"), "higher"),
     ("at an aggressive learning rate the deepest pre-norm model blows up: its amplitude spread ends above "
-     "res-post-norm's", "failure", "trained", "spread", ("G", "pre_dot"), ("G", "post_dot"), "higher"),
-    ("... and its training loss ends above res-post-norm's", "failure", "trained", "loss", ("G", "pre_dot"),
-     ("G", "post_dot"), "higher"),
+     "res-post-norm's", "failure", "spread", ("G", "pre_dot", "trained"), ("G", "post_dot", "trained"), "higher"),
+    ("... and its training loss ends above res-post-norm's", "failure", "loss", ("G", "pre_dot", "trained"),
+     ("G", "post_dot", "trained"), "higher"),
 ]
 
 
 def claim_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     out = []
-    for text, section, phase, field, (sa, va), (sb, vb), expect in CLAIMS:
+    for text, section, field, (sa, va, pa), (sb, vb, pb), expect in CLAIMS:
         log = field == "spread"
-        diff = _paired(_by_seed(rows, section, sa, va, phase, field), _by_seed(rows, section, sb, vb, phase, field),
-                       log)
+        diff = _paired(_by_seed(rows, section, sa, va, pa, field), _by_seed(rows, section, sb, vb, pb, field), log)
         if diff is None:
             continue
         shown = _fmt_ratio(diff) if log else _fmt(diff, signed=True)
-        comparison = f"{field} {SIZE_LABELS[sa]}/{va} vs {SIZE_LABELS[sb]}/{vb} ({section}, {phase})"
+        comparison = f"{field}: {SIZE_LABELS[sa]} {va} {pa} vs {SIZE_LABELS[sb]} {vb} {pb} ({section})"
         z = f" ({diff.z:+.1f} SE)" if diff.se > 0 else ""
         out.append(dict(claim=text, comparison=comparison, difference=shown + z,
                         verdict=verdict(diff, "better" if expect == "higher" else "worse")))
@@ -328,13 +330,14 @@ def plot(rows: List[Dict[str, Any]], steps: List[Dict[str, Any]], path: Path) ->
         sec = SECTIONS["failure"]
         ax2 = ax.twinx()
         for variant in sec.variants:
-            for seed in sorted({s["seed"] for s in steps if s["section"] == "failure"}):
-                pts = [s for s in steps if (s["section"], s["variant"], s["seed"]) == ("failure", variant, seed)]
+            seeds = sorted({int(s["seed"]) for s in steps if (s["section"], s["variant"]) == ("failure", variant)})
+            for k, seed in enumerate(seeds):
+                pts = [s for s in steps if (s["section"], s["variant"], int(s["seed"])) == ("failure", variant, seed)]
                 x = [int(p["step"]) for p in pts]
                 ax.plot(x, [float(p["spread"]) for p in pts], color=colours[variant], alpha=0.8,
-                        label=f"{variant} spread" if seed == pts[0]["seed"] and seed == min(
-                            int(q["seed"]) for q in steps if q["section"] == "failure") else None)
-                ax2.plot(x, [float(p["loss"]) for p in pts], "--", color=colours[variant], alpha=0.6)
+                        label=f"{variant} spread" if k == 0 else None)
+                ax2.plot(x, [float(p["loss"]) for p in pts], "--", color=colours[variant], alpha=0.6,
+                         label=f"{variant} loss" if k == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("RMS spread (solid)")
@@ -344,7 +347,7 @@ def plot(rows: List[Dict[str, Any]], steps: List[Dict[str, Any]], path: Path) ->
     fig.suptitle("Signal propagation (SwinV2 Fig. 2 analogue): pre-norm vs res-post-norm, geometric mean over seeds",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
