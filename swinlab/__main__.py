@@ -13,11 +13,9 @@ Commands:
 """
 from __future__ import annotations
 
-import atexit
 import importlib
 import os
 import sys
-import threading
 from typing import List, Optional
 
 from .errors import SwinlabError
@@ -69,39 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
-def exit_without_teardown(code: int) -> None:
-    """Leave the process the way a normal exit does, minus the interpreter's teardown of every loaded module.
-
-    With torch, Lightning and timm loaded that teardown costs ~1.5 s of CPU per process (every rank of a run pays it)
-    and does nothing a finished command needs. Everything a normal exit does before it still happens, in the same
-    order: running (non-daemon) threads are joined, then the ``atexit`` handlers run (logging's flush,
-    multiprocessing's clean-up of worker processes, TensorBoard and DeepSpeed hooks), then the standard streams are
-    flushed, and the process ends with ``code``.
-    """
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    run_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own exit step; absent elsewhere
-    if run_handlers is None:
-        sys.exit(code)
-    run_handlers()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
-            pass
-    os._exit(code)
-
-
 def run() -> None:
-    """Entry point of ``python -m swinlab`` and the ``swinlab`` console script: :func:`main`, then a quick exit."""
-    try:
-        code = main()
-    except SystemExit as done:  # argparse/LightningCLI exits (--help, --print_config, usage errors)
-        if done.code is not None and not isinstance(done.code, int):
-            raise  # a message to print: the normal exit prints it
-        code = done.code or 0
-    exit_without_teardown(code)
+    """Entry point of ``python -m swinlab`` and the ``swinlab`` console script: :func:`main`, then a normal exit with
+    its code (argparse's and LightningCLI's own exits for --help, --print_config and usage errors pass through)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

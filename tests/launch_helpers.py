@@ -74,3 +74,54 @@ class Probe(pl.Callback):
                   "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision),
                   "global_step": int(trainer.global_step), "steps": self.steps}
         (out / f"probe_{self.tag}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SignalSelf(pl.Callback):
+    """Test-only: this process sends itself ``signum`` at one point of the run, as a scheduler would from outside:
+    ``phase`` "train" at the start of the batch after ``step`` optimizer steps, "val" at the start of validation
+    batch ``batch`` of the first validation after ``step`` steps, "save" while the checkpoint of step ``step`` is
+    being written."""
+
+    def __init__(self, step: int, phase: str = "train", batch: int = 1, signum: str = "SIGTERM"):
+        import signal
+        self.step, self.phase, self.batch = step, phase, batch
+        self.signum = signal.Signals[signum]
+        self.sent = False
+
+    def _send(self):
+        import signal
+        if not self.sent:
+            self.sent = True
+            signal.raise_signal(self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.phase == "train" and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if (self.phase == "val" and not trainer.sanity_checking and trainer.global_step >= self.step
+                and batch_idx == self.batch):
+            self._send()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.phase == "save" and trainer.global_step == self.step:
+            self._send()
+
+
+class WaitForSignal(pl.Callback):
+    """Test-only: at the start of the batch after ``step`` optimizer steps, write ``<flag>.<global rank>`` and wait
+    (at most ``timeout`` s) until a swinlab Preemption handler has noted a signal sent from outside."""
+
+    def __init__(self, step: int, flag: str, timeout: float = 120.0):
+        self.step, self.flag, self.timeout = step, flag, timeout
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        from swinlab.training.preemption import stopped_by
+        if trainer.global_step != self.step:
+            return
+        Path(f"{self.flag}.{trainer.global_rank}").write_text(str(os.getpid()))
+        end = time.monotonic() + self.timeout
+        while stopped_by() is None and time.monotonic() < end:
+            time.sleep(0.05)

@@ -197,35 +197,20 @@ def test_an_ema_run_monitors_and_exports_the_ema_unless_told_otherwise():
     assert mine.checkpoint.monitor == "val/loss"  # a monitor set by hand is kept
 
 
-def test_the_quick_exit_does_what_a_normal_exit_does_first(monkeypatch, capsys):
-    """``python -m swinlab`` ends with ``exit_without_teardown``: running threads joined, atexit handlers run (in their
-    LIFO order), stdout/stderr flushed, then ``os._exit`` with the command's code; SystemExit codes pass through."""
-    import threading
-    import time
-
+def test_the_entry_point_exits_with_the_commands_code(monkeypatch):
+    """``run()`` exits normally (no private exit path) with ``main()``'s code; SystemExit from argparse or LightningCLI
+    passes through with its code or message."""
     import swinlab.__main__ as entry
-    events = []
-    worker = threading.Thread(target=lambda: (time.sleep(0.2), events.append("thread")))
-    worker.start()
-    monkeypatch.setattr(entry.atexit, "_run_exitfuncs", lambda: events.append("atexit"))
-    monkeypatch.setattr(entry.os, "_exit", lambda code: events.append(("exit", code)))
-    print("buffered line", end="")
-    entry.exit_without_teardown(3)
-    assert events == ["thread", "atexit", ("exit", 3)]
-    assert capsys.readouterr().out == "buffered line"
-
-    events.clear()
-    for result, code in ((0, 0), (2, 2), (SystemExit(None), 0), (SystemExit(2), 2)):
+    for result, code in ((0, 0), (2, 2), (SystemExit(None), None), (SystemExit(2), 2),
+                         (SystemExit("a message for the user"), "a message for the user")):
         def fake_main(result=result):
             if isinstance(result, SystemExit):
                 raise result
             return result
         monkeypatch.setattr(entry, "main", fake_main)
-        entry.run()
-        assert events[-1] == ("exit", code)
-    monkeypatch.setattr(entry, "main", lambda: (_ for _ in ()).throw(SystemExit("a message for the user")))
-    with pytest.raises(SystemExit, match="a message for the user"):  # printed by the normal exit
-        entry.run()
+        with pytest.raises(SystemExit) as done:
+            entry.run()
+        assert done.value.code == code
 
 
 @pytest.mark.parametrize("task, lrs", [

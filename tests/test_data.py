@@ -120,12 +120,16 @@ def _expected_shard(n, replicas, rank, seed, epoch):
     return perm[rank::replicas]
 
 
-def _loader(n=23, replicas=2, rank=0, seed=5, batch_size=3):
+def _loader(n=23, replicas=2, rank=0, seed=5, batch_size=3, num_workers=0):
     from swinlab.data.common import ResumableLoader, ResumableSampler
     data = list(range(n))
     sampler = ResumableSampler(data, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
-    return ResumableLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True,
-                           collate_fn=lambda b: [int(i) for i in b])
+    return ResumableLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+                           collate_fn=_ints)
+
+
+def _ints(batch):
+    return [int(i) for i in batch]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -140,13 +144,15 @@ def test_resumed_loader_serves_the_rest_of_this_ranks_epoch(rank):
     it = iter(first)
     assert [next(it), next(it)] == expected[:2]
     state = first.state_dict()
-    assert state == {"epoch": epoch, "batches_served": 2, "batch_size": 3, "seed": seed, "num_samples": 12}
+    assert state["resume"] == {"epoch": epoch, "batches_served": 2, "batch_size": 3, "seed": seed,
+                               "num_samples": 12, "num_workers": 0}
     resumed = _loader(rank=rank)
     resumed.load_state_dict(state)
-    resumed.sampler.set_epoch(epoch)  # Lightning sets the epoch again on resume
+    resumed.sampler.set_epoch(epoch)  # Lightning sets the epoch again on resume, after iter()
     assert list(resumed) == expected[2:]
-    assert resumed.state_dict()["batches_served"] == 4
+    assert resumed.state_dict()["resume"]["batches_served"] == 4
     # the augmentation seeds go with the sample, not with its position in the epoch
+    resumed.sampler.load_state_dict({"epoch": epoch, "yielded": 6})
     idx = list(resumed.sampler)
     assert [int(i) for i in idx] == shard[6:]
     assert [i.aug_seed for i in idx] == [sample_seed(seed, epoch, int(i)) for i in idx]
@@ -155,28 +161,57 @@ def test_resumed_loader_serves_the_rest_of_this_ranks_epoch(rank):
     assert [int(i) for i in resumed.sampler] == _expected_shard(23, 2, rank, seed, epoch + 1)
 
 
-def test_resume_after_a_complete_epoch_starts_the_next_one_and_changed_data_starts_over():
+@pytest.mark.parametrize("saved_workers, resumed_workers", [(2, 2), (2, 0), (0, 2)])
+def test_resume_with_workers_and_with_another_worker_count_continues_at_the_same_sample(saved_workers,
+                                                                                       resumed_workers):
+    """torchdata's state is per worker layout: the same layout restores it, another one continues through the
+    sampler's position; either way the rest of the epoch is the uninterrupted one's."""
+    whole = _loader(n=40, replicas=1, batch_size=4)
+    whole.sampler.set_epoch(1)
+    expected = list(whole)
+    first = _loader(n=40, replicas=1, batch_size=4, num_workers=saved_workers)
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    assert [next(it) for _ in range(3)] == expected[:3]
+    state = first.state_dict()
+    del it, first
+    resumed = _loader(n=40, replicas=1, batch_size=4, num_workers=resumed_workers)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)
+    assert list(resumed) == expected[3:]
+    assert resumed.state_dict()["resume"]["batches_served"] == len(expected)
+
+
+def test_resume_after_the_epochs_last_batch_starts_the_next_epoch_and_changed_data_starts_over():
     first = _loader(replicas=1, n=10, batch_size=4)
     first.sampler.set_epoch(0)
-    assert len(list(first)) == 2
+    it = iter(first)
+    next(it), next(it)  # the last full batch: a checkpoint saved now is at the epoch's end
     state = first.state_dict()
-    assert state["batches_served"] == 2 and state["epoch"] == 0
+    assert state["resume"]["batches_served"] == 2 and state["resume"]["epoch"] == 0
     resumed = _loader(replicas=1, n=10, batch_size=4)
     resumed.load_state_dict(state)
-    assert resumed.sampler.epoch == 1 and resumed.sampler.skipped() == 0
+    resumed.sampler.set_epoch(1)  # Lightning moves on to the next epoch
+    perm = _expected_shard(10, 1, 0, 5, 1)
+    assert list(resumed) == [perm[:4], perm[4:8]]
     changed = _loader(replicas=1, n=10, batch_size=2)  # another batch size: positions no longer line up
-    with pytest.warns(UserWarning, match="training data changed"):
-        changed.load_state_dict({**state, "batches_served": 1})
+    with pytest.warns(UserWarning, match=r"training data changed .*\(4, 10, 5\) -> \(2, 10, 5\)"):
+        changed.load_state_dict(state)
     changed.sampler.set_epoch(0)
     assert [int(i) for i in changed.sampler] == _expected_shard(10, 1, 0, 5, 0)
 
 
-def test_skip_applies_only_to_the_resumed_epoch():
+def test_a_checkpoint_of_the_earlier_loader_resumes_at_its_position():
     loader = _loader(replicas=1, n=12, batch_size=3)
     loader.load_state_dict({"epoch": 2, "batches_served": 1, "batch_size": 3, "seed": 5, "num_samples": 12})
-    assert loader.sampler.epoch == 2 and loader.sampler.skipped() == 3
+    loader.sampler.set_epoch(2)
+    perm = _expected_shard(12, 1, 0, 5, 2)
+    assert list(loader) == [perm[3:6], perm[6:9], perm[9:12]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.load_state_dict({})  # nothing saved (e.g. a checkpoint without loader state): a no-op
     loader.sampler.set_epoch(3)
-    assert loader.sampler.skipped() == 0 and len(list(loader.sampler)) == 12
+    assert len(list(loader)) == 4
 
 
 def test_sample_seed_is_splitmix64_written_out():
@@ -194,20 +229,13 @@ def test_sample_seed_is_splitmix64_written_out():
     assert len({sample_seed(0, e, i) for e in range(3) for i in range(50)}) == 150
 
 
-def test_loader_state_before_iterating_and_empty_or_changed_states():
+def test_loader_state_counts_served_batches_of_its_epoch():
     loader = _loader(replicas=1, n=12, batch_size=3)
     loader.sampler.set_epoch(2)
-    assert loader.state_dict() == {"epoch": 2, "batches_served": 0, "batch_size": 3, "seed": 5, "num_samples": 12}
-    next(iter(loader))
+    it = iter(loader)
+    next(it)
     loader.sampler.set_epoch(3)  # the next epoch is announced but nothing of it is served yet
-    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["batches_served"] == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        loader.load_state_dict({})  # nothing saved (e.g. a checkpoint without loader state): a no-op
-    assert loader.sampler.skipped() == 0
-    changed = _loader(replicas=1, n=12, batch_size=2)
-    with pytest.warns(UserWarning, match=r"\(3, 12, 5\) -> \(2, 12, 5\)"):
-        changed.load_state_dict(loader.state_dict())
+    assert loader.state_dict()["resume"]["epoch"] == 2 and loader.state_dict()["resume"]["batches_served"] == 1
 
 
 def test_sampler_passes_shuffle_and_drop_last_through():
@@ -216,14 +244,20 @@ def test_sampler_passes_shuffle_and_drop_last_through():
     assert [int(i) for i in ordered] == [1, 3, 5, 0]  # padded by wrapping, as DistributedSampler
     dropped = ResumableSampler(list(range(7)), num_replicas=2, rank=1, shuffle=False, drop_last=True)
     assert [int(i) for i in dropped] == [1, 3, 5] and dropped.num_samples == 3
+    with pytest.raises(ValueError, match="not a sampler position"):
+        ordered.load_state_dict({"epoch": 0})
 
 
-def test_loader_over_a_plain_sampler_has_no_resume_state():
+def test_loader_over_a_plain_sampler_is_torchdatas_own():
     from swinlab.data.common import ResumableLoader
     loader = ResumableLoader(list(range(6)), batch_size=2, collate_fn=lambda b: list(b))
-    assert loader.state_dict() == {}
-    loader.load_state_dict({"epoch": 0, "batches_served": 1, "batch_size": 2, "seed": 0, "num_samples": 6})
-    assert list(loader) == [[0, 1], [2, 3], [4, 5]] and loader.state_dict() == {}
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    assert "resume" not in state
+    again = ResumableLoader(list(range(6)), batch_size=2, collate_fn=lambda b: list(b))
+    again.load_state_dict(state)
+    assert list(again) == [[2, 3], [4, 5]]
 
 
 def test_digits_on_a_larger_canvas_keep_their_pixel_size():

@@ -188,7 +188,7 @@ def test_simmim_pretrains_under_fsdp2(matrix):
     assert all(p["strategy"] == "ModelParallelStrategy" and [s["step"] for s in p["steps"]] == [1, 2, 3]
                for p in fit)
     assert not {s["images"] for s in fit[0]["steps"]} & {s["images"] for s in fit[1]["steps"]}
-    run = tmp_path / "runs" / "simmim_quick" / "pretrain"
+    run = tmp_path / "runs" / "simmim_quick" / "version_0"
     ea = events(run)
     assert "simmim/reconstruction" in ea.Tags()["images"]
     assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("val/loss"))

@@ -101,8 +101,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, mo
     run = tmp_path / "runs" / "killed" / "version_0"
     mid = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert mid["global_step"] == 3 and mid["epoch"] == 0  # a mid-epoch checkpoint, and step 4 was lost
-    loader_state = mid["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state["epoch"] == 0 and loader_state["batches_served"] == 3
+    loader_state = mid["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]  # torchdata's StatefulDataLoader
+    assert loader_state["resume"]["epoch"] == 0 and loader_state["resume"]["batches_served"] == 3
+    assert mid["DigitsDataModule"]["train_loader"] == loader_state  # the DataModule's copy: restored in any case
     assert not list((run / "checkpoints").glob(".*.tmp"))  # no temporary files left behind by atomic saves
 
     assert main(["fit", "--config", "cfg.yaml", "--trainer.logger.init_args.name", "killed", "--ckpt_path",

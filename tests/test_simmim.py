@@ -84,7 +84,7 @@ def test_pretrain_then_finetune_chain_carries_the_encoder_exactly(tmp_path, monk
               "--threads", "1", "--trainer.log_every_n_steps", "1"]
     pre = _cli(["fit", "--config", str(exp / "simmim_quick.yaml"), *limits], tmp_path)
     assert pre.returncode == 0, pre.stderr[-3000:]
-    run = tmp_path / "runs" / "simmim_quick" / "pretrain"
+    run = tmp_path / "runs" / "simmim_quick" / "version_0"
     exported = run / "best.safetensors"
     assert exported.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     # the TensorBoard run holds the input / masked input / reconstruction images

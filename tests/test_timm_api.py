@@ -220,12 +220,19 @@ def test_as_features_defaults_to_timms_nhwc_maps_and_names_timms_modules():
         create_model(name).as_features(output_fmt="NLC")
 
 
-def test_reset_classifier_takes_timms_avg_pool_and_updates_the_pretrained_cfg():
-    model = create_model("swinv2_pico_patch2_window4_32")
+def test_reset_classifier_takes_timms_avg_and_no_pool_and_updates_the_pretrained_cfg():
+    model = create_model("swinv2_pico_patch2_window4_32").eval()
     cfg = dict(model.pretrained_cfg)
-    model.reset_classifier(5, "avg")  # timm's callers pass the pool they want; average is the only one
+    x = _x()
+    model.reset_classifier(5, "avg")  # timm's callers pass the pool they want
     assert model.head.fc.out_features == 5 and model.pretrained_cfg == dict(cfg, num_classes=5)
-    with pytest.raises(ConfigError, match="global_pool='max': swinlab's head pools by average only, use 'avg'"):
+    with torch.no_grad():
+        features = model.forward_features(x)
+        model.reset_classifier(0, "")  # no pooling: the NHWC map itself, as timm's Swin
+        _same(model(x), features)
+        model.reset_classifier(3)  # None keeps the pool
+        assert model.global_pool == model.config.global_pool == "" and model(x).shape == (2, 2, 2, 3)
+    with pytest.raises(ConfigError, match=r"global_pool='max' is not supported: use one of \['avg', ''\]"):
         model.reset_classifier(5, "max")
 
 

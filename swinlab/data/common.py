@@ -1,11 +1,12 @@
 """Shared DataModule plumbing: loader options and a training order that resumes mid-epoch.
 
-Training batches come from :class:`ResumableLoader` over a :class:`ResumableSampler`:
+Training batches come from :class:`ResumableLoader` (torchdata's ``StatefulDataLoader``) over a
+:class:`ResumableSampler` (torchdata's ``StatefulDistributedSampler``):
 
 - the order is a permutation seeded by ``seed + epoch`` (Lightning calls ``set_epoch``), sharded over data-parallel
   ranks like ``DistributedSampler``;
-- the loader counts the batches it has served this epoch and exposes ``state_dict()`` / ``load_state_dict()``, which
-  Lightning stores in every checkpoint (``loops.fit_loop.state_dict.combined_loader``); a run resumed from a
+- the loader's ``state_dict()`` / ``load_state_dict()`` hold its position in the epoch; Lightning stores it in every
+  checkpoint (``loops.fit_loop.state_dict.combined_loader``, and the DataModule's own copy), so a run resumed from a
   mid-epoch checkpoint continues with the next unseen batch instead of starting the epoch again;
 - each index the sampler yields is a :class:`SampleIndex` (an ``int``) that carries ``aug_seed``, a seed derived from
   (seed, epoch, index): datasets seed their random augmentation with it, so a sample's augmentation does not
@@ -18,8 +19,11 @@ import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from ..errors import ConfigError
 
@@ -69,103 +73,129 @@ def aug_generator(index: Any, seed: int = 0) -> torch.Generator:
 
 @contextlib.contextmanager
 def seeded_rng(index: Any) -> Iterator[None]:
-    """Inside: Python's ``random`` and torch's CPU RNG seeded by the index's ``aug_seed`` (no-op for a plain int);
-    the global states are restored on exit, so augmentation neither consumes nor depends on them."""
+    """Inside: Python's ``random``, NumPy's global RNG and torch's CPU RNG seeded by the index's ``aug_seed`` (no-op
+    for a plain int); the global states are restored on exit, so augmentation neither consumes nor depends on them."""
     s = getattr(index, "aug_seed", None)
     if s is None:
         yield
         return
-    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(int(s))
+    np.random.seed(int(s) % 2**32)  # timm's RandAugment and AugMix draw their ops from NumPy's global RNG
     torch.manual_seed(int(s))
     try:
         yield
     finally:
         random.setstate(py_state)
+        np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
 
 
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (``seed + epoch`` permutation, one shard per data-parallel rank) that yields
-    :class:`SampleIndex` values and can start part-way into an epoch (``start_at``)."""
+class ResumableSampler(StatefulDistributedSampler):
+    """torchdata's ``StatefulDistributedSampler`` (``DistributedSampler``'s ``seed + epoch`` permutation, one shard
+    per data-parallel rank; its state: the indices yielded so far), with two additions:
+
+    - the indices are :class:`SampleIndex` values carrying the sample's ``aug_seed``;
+    - its state also holds the epoch, and a saved position applies only to that epoch: a checkpoint written after an
+      epoch's last batch resumes at the start of the next epoch (Lightning sets it before the first batch).
+    """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self._resume_epoch: Optional[int] = None
-        self._resume_samples = 0
+        self._resume: Optional[Tuple[int, int]] = None
+        self.started_at = 0  # where in its shard the current iteration started
 
-    def start_at(self, epoch: int, samples: int) -> None:
-        """Make the iteration of ``epoch`` skip its first ``samples`` indices (this rank's shard)."""
-        self.epoch = int(epoch)
-        self._resume_epoch, self._resume_samples = int(epoch), int(samples)
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "epoch": int(self.epoch)}
 
-    def skipped(self) -> int:
-        return self._resume_samples if self._resume_epoch == self.epoch else 0
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if int(state_dict.get("yielded", -1)) < 0:
+            raise ValueError(f"not a sampler position: {state_dict!r}")
+        self._resume = (int(state_dict.get("epoch", self.epoch)), int(state_dict["yielded"]))
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        epoch, skip = self.epoch, self.skipped()
-        return iter([SampleIndex(i, sample_seed(self.seed, epoch, i)) for i in indices[skip:]])
+        # a generator: the epoch and the saved position are read when the first index is drawn
+        epoch, resume = self.epoch, self._resume
+        self._resume = None
+        self.started_at = resume[1] if resume is not None and resume[0] == epoch else 0
+        super().load_state_dict({"yielded": self.started_at})
+        for i in super().__iter__():
+            yield SampleIndex(i, sample_seed(self.seed, epoch, i))
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader whose position in the epoch is saved in checkpoints and restored on resume.
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader``: its ``state_dict()`` (the sampler's position for the batches handed out,
+    prefetching workers included) is saved by Lightning in every checkpoint and restored on resume. Two additions:
 
-    ``state_dict()`` holds the epoch and the number of batches served so far; Lightning calls it when it saves a
-    checkpoint (after the batch's optimizer step, so every served batch has been trained on). ``load_state_dict()``
-    makes the next iteration start at the first batch not yet served. The underlying iterator is created lazily on
-    the first ``next``, so ``set_epoch`` still applies when Lightning calls it after ``iter()`` (also with workers).
+    - iteration begins at the first ``next``, not at ``iter()``: Lightning creates the training iterator before it
+      sets the sampler's epoch, and, when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``,
+      before it restores the checkpoint (Lightning issue #20550);
+    - the state also records the position as data (``resume``: epoch, batches served, batch size, samples per rank,
+      seed, workers). A checkpoint from other data (batch size, samples per rank or seed changed) starts its epoch
+      over, with a warning; one saved with another worker count resumes at the same sample through the sampler
+      (torchdata's own state is per worker layout), and so does one written by swinlab's earlier loader.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        import warnings
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch 2.14 deprecates
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            super().__init__(*args, **kwargs)
         self._served = 0
         self._served_epoch: Optional[int] = None
 
     def _resumable(self) -> Optional[ResumableSampler]:
         s = self.sampler
-        return s if isinstance(s, ResumableSampler) and self.batch_size else None
+        return s if isinstance(s, ResumableSampler) and self.batch_size and self.drop_last else None
 
     def __iter__(self) -> Iterator[Any]:
         return self._batches()
 
     def _batches(self) -> Iterator[Any]:
+        it = super().__iter__()
         sampler = self._resumable()
-        epoch = sampler.epoch if sampler is not None else 0
-        start = sampler.skipped() // self.batch_size if sampler is not None else 0
-        self._served, self._served_epoch = start, epoch
-        for batch in super().__iter__():
+        for n, batch in enumerate(it):
+            if n == 0 and sampler is not None:  # the sampler has now applied any saved position
+                self._served, self._served_epoch = sampler.started_at // self.batch_size, sampler.epoch
             self._served += 1
             yield batch
 
     def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
         sampler = self._resumable()
-        if sampler is None:
-            return {}
-        epoch = sampler.epoch if self._served_epoch is None else self._served_epoch
-        return {"epoch": int(epoch), "batches_served": int(self._served), "batch_size": int(self.batch_size),
-                "seed": int(sampler.seed), "num_samples": int(sampler.num_samples)}
+        if sampler is not None:
+            epoch = sampler.epoch if self._served_epoch is None else self._served_epoch
+            state["resume"] = {"epoch": int(epoch), "batches_served": int(self._served),
+                               "batch_size": int(self.batch_size), "seed": int(sampler.seed),
+                               "num_samples": int(sampler.num_samples), "num_workers": int(self.num_workers)}
+        return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state = dict(state_dict)
+        mine = state.pop("resume", None)
         sampler = self._resumable()
-        if sampler is None or not state:
+        if mine is None and "batches_served" in state:  # written by swinlab's earlier loader: the position alone
+            mine, state = state, {}
+        if sampler is None or not mine:
+            super().load_state_dict(state)
             return
-        if (state.get("batch_size"), state.get("num_samples"), state.get("seed")) != (
-                self.batch_size, sampler.num_samples, sampler.seed):
+        saved = (mine.get("batch_size"), mine.get("num_samples"), mine.get("seed"))
+        if saved != (self.batch_size, sampler.num_samples, sampler.seed):
             import warnings
             warnings.warn(f"the training data changed since the checkpoint (batch size, sample count or seed "
-                          f"{(state.get('batch_size'), state.get('num_samples'), state.get('seed'))} -> "
-                          f"{(self.batch_size, sampler.num_samples, sampler.seed)}): the resumed epoch starts from "
-                          f"its first batch", stacklevel=2)
+                          f"{saved} -> {(self.batch_size, sampler.num_samples, sampler.seed)}): the resumed epoch "
+                          f"starts from its first batch", stacklevel=2)
+            super().load_state_dict({})
             return
-        epoch, served = int(state["epoch"]), int(state["batches_served"])
-        if served >= len(self):  # the epoch was complete: Lightning starts the next one
-            sampler.start_at(epoch + 1, 0)
-        else:
-            sampler.start_at(epoch, served * self.batch_size)
-        self._served, self._served_epoch = served, epoch
+        if state and mine.get("num_workers") == self.num_workers:
+            super().load_state_dict(state)
+        else:  # another worker layout: continue at the same sample of the same epoch
+            super().load_state_dict({})
+            sampler.load_state_dict({"epoch": int(mine["epoch"]),
+                                     "yielded": int(mine["batches_served"]) * int(self.batch_size)})
+        self._served, self._served_epoch = int(mine["batches_served"]), int(mine["epoch"])
 
 
 class BaseDataModule(pl.LightningDataModule):

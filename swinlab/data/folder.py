@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import ConfigError
+from .augment import build_transform
 from .common import BaseDataModule, ImgSize, img_pair, seeded_rng
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -187,7 +188,8 @@ class ImageFolderDataModule(BaseDataModule):
                  interpolation: str = "bicubic", crop_pct: float = 224 / 256, on_corrupt: str = "skip",
                  num_workers: int = 8, pin_memory: bool = True, persistent_workers: bool = True, seed: int = 0,
                  eval_batch_size: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-                 val_split: float = 0.1, predict_dir: Optional[str] = None):
+                 val_split: float = 0.1, predict_dir: Optional[str] = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers, seed=seed, eval_batch_size=eval_batch_size)
         if on_corrupt not in ("skip", "error"):
@@ -208,6 +210,9 @@ class ImageFolderDataModule(BaseDataModule):
         self.train_dir, self.val_dir = train_dir, val_dir
         self.auto_augment, self.color_jitter, self.re_prob, self.re_mode = auto_augment, color_jitter, re_prob, re_mode
         self.interpolation, self.crop_pct, self.on_corrupt = interpolation, crop_pct, on_corrupt
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean={list(mean)} / std={list(std)} must be 3 values each (R, G, B), std > 0")
         self.classes: Optional[List[str]] = None
 
     @property
@@ -215,13 +220,9 @@ class ImageFolderDataModule(BaseDataModule):
         return len(self.classes) if self.classes is not None else None
 
     def transforms(self, training: bool):
-        from timm.data import create_transform
-        if training:
-            return create_transform(self.img_size, is_training=True, auto_augment=self.auto_augment,
-                                    color_jitter=self.color_jitter, re_prob=self.re_prob, re_mode=self.re_mode,
-                                    interpolation=self.interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return create_transform(self.img_size, is_training=False, interpolation=self.interpolation,
-                                crop_pct=self.crop_pct, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return build_transform(self.img_size, training, mean=self.mean, std=self.std, interpolation=self.interpolation,
+                               crop_pct=self.crop_pct, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
+                               re_prob=self.re_prob, re_mode=self.re_mode)
 
     def prepare_data(self) -> None:
         if self.predict_dir is None or self.data_dir.is_dir():

@@ -1,6 +1,7 @@
 """Checkpoints: safe reading, layout remapping (official / timm / Lightning / swinlab) and window-size transfer.
 
-Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)`` or safetensors only.
+Nothing here unpickles arbitrary objects: safetensors, or ``torch.load(weights_only=True)`` of a file whose opcodes
+have first been checked against an exact allowlist (:mod:`swinlab.models.pickle_scan`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, first_line
 from .config import SwinConfig
+from .pickle_scan import TENSOR_GLOBALS, MalformedPickle, UnsafePickle, check_torch_file
 from .registry import REGISTRY
 from .swin import SwinTransformer, stage_geometry
 
@@ -77,11 +79,24 @@ def unpickling_reason(exc: BaseException) -> str:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors: a pickle payload is refused (and never runs), a
-    truncated or foreign file is named as such."""
+    """``torch.load(weights_only=True)`` after :func:`~swinlab.models.pickle_scan.check_torch_file` has read the
+    file's opcodes against an exact allowlist (tensors, parameters, plain containers), with one-line errors: a pickle
+    payload is refused before anything is unpickled, a truncated or foreign file is named as such."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        check_torch_file(str(path), TENSOR_GLOBALS)  # the opcodes, before anything is unpickled
+    except MalformedPickle as exc:
+        raise CheckpointError(f"cannot read {path} ({exc}): the file is truncated or not a PyTorch checkpoint; copy "
+                              f"or export it again") from None
+    except UnsafePickle as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that only unpickling could build ({exc}); swinlab "
+            f"loads tensors only: save model.state_dict() or safetensors") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror or exc}): check the file and its "
+                              f"permissions") from None
     try:
         return torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

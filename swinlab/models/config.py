@@ -30,6 +30,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "merge_order": ("norm_reduce", "reduce_norm"),
 }
 # how a model runs, not what it is: a checkpoint's values of these do not override the caller's
+GLOBAL_POOLS = ("avg", "")  # the head's pooling: average over (H, W), or none (timm's global_pool="")
 RUNTIME_FIELDS = ("fused_attn", "attn_chunk_size", "grad_checkpointing")
 
 Int2 = Tuple[int, int]
@@ -63,13 +64,15 @@ class SwinConfig:
     ``version`` picks the preset of the five switches (``norm_placement`` ... ``merge_order``); a switch left None
     takes the preset's value. ``img_size`` is an int or (h, w); ``window_size`` / ``pretrained_window_size`` an int,
     an (h, w) pair or one entry per stage (``pretrained_window_size`` 0: none). ``extra_norm_period`` > 0 adds a
-    LayerNorm after every that many blocks of a stage (SwinV2-H/G). The last three fields say how the model runs
-    (``RUNTIME_FIELDS``).
+    LayerNorm after every that many blocks of a stage (SwinV2-H/G). ``global_pool`` is the head's pooling: "avg"
+    (over H and W) or "" (none: the classifier applies to every position of the NHWC map, as in timm). The last
+    three fields say how the model runs (``RUNTIME_FIELDS``).
     """
     img_size: Union[int, Sequence[int]] = 224
     patch_size: int = 4
     in_chans: int = 3
     num_classes: int = 1000
+    global_pool: str = "avg"
     embed_dim: int = 96
     depths: Sequence[int] = (2, 2, 6, 2)
     num_heads: Sequence[int] = (3, 6, 12, 24)
@@ -123,6 +126,8 @@ class SwinConfig:
             if (pw[0] == 0) != (pw[1] == 0) or pw[0] < 0 or pw[1] < 0:
                 raise ConfigError(f"pretrained_window_size {list(pw)} is not a window a CPB was trained at: use 0 "
                                   f"(none) or a positive size on both axes (e.g. the checkpoint's window, 8 or 12)")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"global_pool={self.global_pool!r} is not supported: use one of {list(GLOBAL_POOLS)}")
         if self.attn_chunk_size < 0:
             raise ConfigError(f"attn_chunk_size={self.attn_chunk_size} must be >= 0 (0 turns sequential attention "
                               f"off)")

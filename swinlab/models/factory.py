@@ -1,7 +1,10 @@
 """``create_model``: a registry variant at any image and window size, optionally from a checkpoint of any layout."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, List, Optional, Sequence, Union
+
+import torch
 
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import infer_num_classes, load_into_model, read_checkpoint
@@ -46,6 +49,8 @@ def create_model(
         features_only: bool = False,
         out_indices: Optional[Union[int, Sequence[int]]] = None,
         feature_fmt: str = "NHWC",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
         **overrides: Any,
 ) -> SwinTransformer:
     """Build a registry model, optionally loading ``checkpoint`` and moving it to another size/window.
@@ -62,7 +67,9 @@ def create_model(
     name ``"hf-hub:timm/<arch>.<tag>"``. ``model.pretrained_cfg`` is timm's config of that tag (input size, mean/std,
     crop) at the model's own size. ``features_only=True``: a feature extractor returning the maps of stages
     ``out_indices`` (default all) as timm's ``features_only`` Swin models do (NHWC; ``feature_fmt="NCHW"``), with
-    ``feature_info`` (:meth:`~swinlab.models.swin.SwinTransformer.as_features`).
+    ``feature_info`` (:meth:`~swinlab.models.swin.SwinTransformer.as_features`). ``device`` / ``dtype``: as timm's
+    factory arguments, where the parameters and buffers are created (``"meta"``: none allocated) and their
+    floating-point dtype.
     """
     if not isinstance(name, str):
         raise ConfigError(f"model name must be a string, got {name!r}")
@@ -121,12 +128,15 @@ def create_model(
         target = target.replace(pretrained_window_size=pretrained_window_size)
     elif checkpoint is not None and moved and target.resolved().position_bias.startswith("cpb"):
         target = target.replace(pretrained_window_size=cpb_source_windows(source))
-    model = SwinTransformer(target)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = SwinTransformer(target)
     model.variant_name = variant.name
     model.pretrained_cfg = build_pretrained_cfg(model.config, variant.name, tag)
     if state_dict is not None:
         load_into_model(model, state_dict, source=source, checkpoint=str(checkpoint),
                         reset_head=num_classes is not None)
+    if dtype is not None:
+        model.to(dtype=dtype)
     if features_only:
         model.as_features(out_indices, feature_fmt)
     elif out_indices is not None:

@@ -93,13 +93,24 @@ def fetch(checkpoint: Union[str, os.PathLike]) -> Path:
 def fetch_hf(repo: str) -> Path:
     """``org/name[@revision]`` -> the cached path of its weights (``model.safetensors``, else ``pytorch_model.bin``),
     downloaded by ``hf_hub_download`` unless its cache has them."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo_id, _, revision = repo.partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise CheckpointError(f"hf-hub:{repo} is not a Hugging Face repo id: write hf-hub:<org>/<name>, e.g. "
                               f"hf-hub:timm/swinv2_tiny_window8_256.ms_in1k")
+    cache = constants.HF_HUB_CACHE
+    if not constants.is_offline_mode():
+        unreachable = hub_unreachable(repo_id, revision or None)
+        if unreachable is not None:  # hf_hub_download would retry for ~50 s before giving up: use the cache now
+            for filename in HF_WEIGHT_FILES:
+                cached = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+                if isinstance(cached, str):
+                    return Path(cached)
+            raise CheckpointError(f"hf-hub:{repo} weights are not in the Hugging Face cache ({cache}) and the Hub "
+                                  f"({constants.ENDPOINT}) could not be reached ({unreachable}): check the network, "
+                                  f"or copy the cache from a machine that has them")
     not_cached = False
     for filename in HF_WEIGHT_FILES:
         try:
@@ -112,7 +123,6 @@ def fetch_hf(repo: str) -> Path:
         except Exception as exc:  # repository not found, gated, HTTP errors ...
             raise CheckpointError(f"cannot download hf-hub:{repo} ({type(exc).__name__}: {first_line(exc, 160)}): "
                                   f"check the repo name, or log in (`hf auth login`) for a gated repo") from None
-    cache = constants.HF_HUB_CACHE
     if not_cached and constants.is_offline_mode():
         raise CheckpointError(f"hf-hub:{repo} weights are not in the Hugging Face cache ({cache}) and "
                               f"HF_HUB_OFFLINE=1: run once online or copy the cache")
@@ -120,6 +130,26 @@ def fetch_hf(repo: str) -> Path:
         raise CheckpointError(f"hf-hub:{repo} weights are not in the Hugging Face cache ({cache}) and the Hub could "
                               f"not be reached: check the network, or copy the cache from a machine that has them")
     raise CheckpointError(f"hf-hub:{repo} holds neither of {', '.join(HF_WEIGHT_FILES)}: is it a timm model repo?")
+
+
+def hub_unreachable(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
+    """Ask the Hub once, without retries, for the metadata of ``repo_id``'s weights (``get_hf_file_metadata``, timeout
+    ``HF_HUB_ETAG_TIMEOUT`` seconds, 10 by default): None when it answers (any answer, a 404 or 401 included:
+    ``hf_hub_download`` then says what it means), else why it could not be reached (no route, name resolution, refused
+    connection, timeout)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, HF_WEIGHT_FILES[0], revision=revision),
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, EntryNotFoundError) as exc:
+        if isinstance(exc, LocalEntryNotFoundError):
+            return f"{type(exc).__name__}: {first_line(exc, 120)}"
+        return None
+    except Exception as exc:  # the transport's own errors: ConnectError, ConnectTimeout, ReadTimeout ...
+        return f"{type(exc).__name__}: {first_line(exc, 120)}"
+    return None
 
 
 def url_cache_path(url: str) -> Path:

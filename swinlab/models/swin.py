@@ -23,8 +23,6 @@ position bias and the shift mask are folded into one additive mask, and V2's cos
 
 Pure PyTorch (plus timm's ``Mlp``/``DropPath``): nothing here imports Lightning.
 """
-from __future__ import annotations
-
 import contextlib
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -32,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
@@ -106,7 +104,7 @@ def relative_coords_table(window: Int2, pretrained_window: Int2, log_spaced: boo
 
 def window_partition(x: torch.Tensor, window: Int2) -> torch.Tensor:
     """(B, H, W, C) -> (B, num_windows, Wh*Ww, C)."""
-    B, H, W, C = x.shape
+    B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
     x = x.view(B, H // window[0], window[0], W // window[1], window[1], C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, window[0] * window[1], C)
 
@@ -118,18 +116,28 @@ def window_reverse(windows: torch.Tensor, window: Int2, H: int, W: int) -> torch
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
-def shift_mask(padded: Int2, window: Int2, shift: Int2, device=None) -> torch.Tensor:
+def _regions(size: int, window: int, shift: int) -> List[Tuple[int, int]]:
+    """The reference's three slices (0, -window), (-window, -shift), (-shift, None) of an axis of ``size``, as
+    non-negative bounds (``-0`` is 0, as in Python's slicing)."""
+    a = size - window if window > 0 else 0
+    b = size - shift if shift > 0 else 0
+    return [(0, a), (a, b), (b, size)]
+
+
+def shift_mask(padded: Int2, window: Int2, shift: Int2, device: Optional[torch.device] = None,
+               value: float = MASK_VALUE) -> torch.Tensor:
     """(num_windows, N, N) additive mask: MASK_VALUE between tokens that the cyclic shift brought together."""
-    Hp, Wp = padded
+    Hp, Wp = padded[0], padded[1]
     labels = torch.zeros((1, Hp, Wp, 1), device=device)
     count = 0
-    for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
-        for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
-            labels[:, h[0]:h[1], w[0]:w[1], :] = count
+    for h0, h1 in _regions(Hp, window[0], shift[0]):
+        for w0, w1 in _regions(Wp, window[1], shift[1]):
+            if h1 > h0 and w1 > w0:
+                labels[:, h0:h1, w0:w1, :] = float(count)
             count += 1
     lw = window_partition(labels, window)[0, :, :, 0]  # nW, N
     diff = lw.unsqueeze(1) - lw.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+    return torch.zeros_like(diff).masked_fill(diff != 0, value)
 
 
 _DEFER_META_LOADS: List[int] = [0]
@@ -218,8 +226,37 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+def attention_softmax(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The explicit path's attention probabilities: softmax(q k^T * scale + mask) over the keys."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        attn = attn + mask
+    return attn.softmax(dim=-1)
+
+
+@register_notrace_function  # FX: forward's optional masking inputs are traced as placeholders (None by default)
+def mask_tokens(tokens: torch.Tensor, token_mask: Optional[torch.Tensor],
+                mask_token: Optional[torch.Tensor]) -> torch.Tensor:
+    """SimMIM: the (B, H, W, C) tokens where ``token_mask`` (B, H, W) is True replaced by ``mask_token`` (C,); the
+    tokens as they are without a mask."""
+    if token_mask is not None and mask_token is not None:
+        w = token_mask.unsqueeze(-1).to(tokens.dtype)
+        return tokens * (1.0 - w) + mask_token.to(tokens.dtype) * w
+    return tokens
+
+
+@register_notrace_function  # FX: as mask_tokens
+def logits_unless_masked(logits: torch.Tensor, features: torch.Tensor,
+                         token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """forward's output: the logits, or with a token mask (SimMIM) the final normalised feature map."""
+    if token_mask is None:
+        return logits
+    return features
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
+# FX: timm's tracer keeps the modules whose forward branches on input shapes (padding, windows, shifts) as leaves
 # ----------------------------------------------------------------------------------------------------------------
 
 class WindowAttention(nn.Module):
@@ -237,6 +274,8 @@ class WindowAttention(nn.Module):
         self.pretrained_window = tuple(pretrained_window)
         self.attention, self.position_bias_kind, self.qkv_bias_kind = attention, position_bias, qkv_bias
         self.fused = fused
+        self.cpu_grad_mask_explicit = SDPA_CPU_GRAD_MASK_EXPLICIT
+        self.logit_scale_max = LOGIT_SCALE_MAX
         self.chunk_size = chunk_size
         self.attn_drop = attn_drop
 
@@ -287,27 +326,32 @@ class WindowAttention(nn.Module):
 
     def position_bias(self) -> Optional[torch.Tensor]:
         """(heads, N, N) fp32 bias: a table lookup (V1) or 16*sigmoid of the CPB MLP (V2), once per forward."""
-        kind = self.position_bias_kind
-        if kind == "none":
+        # (hasattr: TorchScript compiles only the branch of the attributes this module has)
+        if not hasattr(self, "relative_position_index"):  # position_bias "none"
             return None
-        if kind == "table":
+        if hasattr(self, "relative_position_bias_table"):
             table = self.relative_position_bias_table.float()
+        elif torch.jit.is_scripting():
+            table = self._cpb_table()
         else:
-            mlp = self.cpb_mlp
-            coords = self.relative_coords_table
-            with _autocast_off(coords.device):  # keep the CPB MLP in fp32 under bf16/fp16 autocast
-                hidden = F.relu(F.linear(coords.float(), mlp[0].weight.float(), mlp[0].bias.float()))
-                table = F.linear(hidden, mlp[2].weight.float()).view(-1, self.num_heads)
-                table = 16 * torch.sigmoid(table)
+            with _autocast_off(self.relative_coords_table.device):  # the CPB MLP in fp32 under bf16/fp16 autocast
+                table = self._cpb_table()
         N = self.window_area
         return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def _cpb_table(self) -> torch.Tensor:
+        """V2: 16*sigmoid of the CPB MLP of the relative coordinates, in fp32: ((2Wh-1)(2Ww-1), heads)."""
+        mlp = self.cpb_mlp
+        hidden = F.relu(F.linear(self.relative_coords_table.float(), mlp[0].weight.float(), mlp[0].bias.float()))
+        table = F.linear(hidden, mlp[2].weight.float()).view(-1, self.num_heads)
+        return 16 * torch.sigmoid(table)
 
     def qkv_bias(self) -> Optional[torch.Tensor]:
         """The bias of the fused qkv projection: V1's ``qkv.bias``, or V2's ``q_bias | 0 | v_bias``.
 
         The zero k part is a buffer; DeepSpeed's bf16/fp16 engines cast parameters but not buffers, so it takes the
         parameters' dtype here (a no-op when they already agree)."""
-        if self.qkv_bias_kind == "qv":
+        if hasattr(self, "q_bias"):  # "qv"
             return torch.cat((self.q_bias, self.k_bias.to(self.q_bias.dtype), self.v_bias))
         return self.qkv.bias
 
@@ -317,53 +361,45 @@ class WindowAttention(nn.Module):
         Where the mask differs per window the windows go into the head dimension, so the mask broadcasts over the
         batch with no copy; otherwise windows go into the batch and the (1, heads, N, N) bias broadcasts.
         """
-        B, w, nH, N, hd = q.shape
+        B, w, nH, N, hd = q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.shape[4]
         if mask is not None and mask.shape[0] > 1:
-            q, k, v = (t.reshape(B, w * nH, N, hd) for t in (q, k, v))
+            q, k, v = q.reshape(B, w * nH, N, hd), k.reshape(B, w * nH, N, hd), v.reshape(B, w * nH, N, hd)
             mask = mask.reshape(1, w * nH, N, N)
         else:
-            q, k, v = (t.reshape(B * w, nH, N, hd) for t in (q, k, v))
+            q, k, v = q.reshape(B * w, nH, N, hd), k.reshape(B * w, nH, N, hd), v.reshape(B * w, nH, N, hd)
+        explicit = False
         if mask is not None:
             mask = mask.to(q.dtype)
+            explicit = (self.cpu_grad_mask_explicit and q.device.type == "cpu" and mask.requires_grad
+                        and torch.is_grad_enabled())
         drop = self.attn_drop if self.training else 0.0
-        if self.fused and not (SDPA_CPU_GRAD_MASK_EXPLICIT and q.device.type == "cpu" and mask is not None
-                               and mask.requires_grad and torch.is_grad_enabled()):
+        if self.fused and not explicit:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
         else:
-            out = F.dropout(self._softmax(q, k, mask, scale), p=drop) @ v
+            out = F.dropout(attention_softmax(q, k, mask, scale), p=drop) @ v
         return out.view(B, w, nH, N, hd)
-
-    @staticmethod
-    def _softmax(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-        """The explicit path's attention probabilities: softmax(q k^T * scale + mask) over the keys."""
-        attn = (q * scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            attn = attn + mask
-        return attn.softmax(dim=-1)
 
     def _qkv_mask(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
         """x: (B, nW, N, C), shift mask (nW, N, N) or None -> q, k, v (B, nW, heads, N, hd) ready for the product
         (V2: cosine-normalised, q times the logit scale), the additive mask (position bias plus shift mask,
         (nW or 1, heads, N, N), or None) and the scale that multiplies q k^T."""
-        B, nW, N, C = x.shape
+        B, nW, N = x.shape[0], x.shape[1], x.shape[2]
         nH, hd = self.num_heads, self.head_dim
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
-        q, k, v = qkv.view(B, nW, N, 3, nH, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, nH, N, hd
-        if self.attention == "cosine":
+        qkv = qkv.view(B, nW, N, 3, nH, hd).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each B, nW, nH, N, hd
+        if hasattr(self, "logit_scale"):  # attention "cosine"
             # Mixed precision, where each V2 piece runs (as in the reference implementations under AMP):
             # - logit scale: clamp and exp in fp32 (autocast off), whatever the parameters' dtype;
             # - cosine normalisation: in fp32, then back to the compute dtype. Under autocast the references get this
             #   from torch (the norm is an fp32 autocast op); with half weights and no autocast (DeepSpeed bf16/fp16)
             #   a half-precision norm would lose the eps (1e-12 underflows in fp16: padded tokens gave NaN);
             # - CPB MLP: fp32 in position_bias(); the q.k^T and attn.v matmuls run in the compute dtype.
-            with _autocast_off(x.device):
-                logit_scale = torch.clamp(self.logit_scale.float(), max=LOGIT_SCALE_MAX).exp()
-                if q.dtype in (torch.float16, torch.bfloat16):
-                    q = (F.normalize(q.float(), dim=-1) * logit_scale).to(q.dtype)
-                    k = F.normalize(k.float(), dim=-1).to(k.dtype)
-                else:
-                    q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)
-                    k = F.normalize(k, dim=-1)
+            if torch.jit.is_scripting():
+                q, k = self._cosine(q, k)
+            else:
+                with _autocast_off(x.device):
+                    q, k = self._cosine(q, k)
             scale = 1.0
         else:
             scale = hd ** -0.5
@@ -376,13 +412,21 @@ class WindowAttention(nn.Module):
             mask = bias[None]
         return q, k, v, mask, scale
 
+    def _cosine(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """V2: q and k L2-normalised (in fp32 for half inputs), q times the clamped logit scale."""
+        logit_scale = torch.clamp(self.logit_scale.float(), max=self.logit_scale_max).exp()
+        if q.dtype == torch.float16 or q.dtype == torch.bfloat16:
+            q_half = (F.normalize(q.float(), dim=-1) * logit_scale).to(q.dtype)
+            return q_half, F.normalize(k.float(), dim=-1).to(k.dtype)
+        return F.normalize(q, dim=-1) * logit_scale.to(q.dtype), F.normalize(k, dim=-1)
+
     def attention_probs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention probabilities of the forward pass (without dropout), from the same inputs: x (B, nW, N, C)
         and the shift mask (nW, N, N) or None -> (B, nW, heads, N, N), each row summing to 1. Computed by the
         explicit softmax path (what ``fused=False`` runs), so ``attention_probs(x, mask) @ v`` is the forward's
         output before the heads are merged and projected."""
         q, k, _, mask, scale = self._qkv_mask(x, mask)
-        return self._softmax(q, k, None if mask is None else mask.to(q.dtype), scale)
+        return attention_softmax(q, k, None if mask is None else mask.to(q.dtype), scale)
 
     def attention_logits(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The logits :meth:`attention_probs` takes the softmax of, from the same inputs: (B, nW, heads, N, N),
@@ -394,13 +438,15 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, num_windows, N, C); mask: (num_windows, N, N) shift mask or None."""
-        B, nW, N, C = x.shape
+        B, nW, N, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         q, k, v, mask, scale = self._qkv_mask(x, mask)
         chunk = self.chunk_size
-        if chunk and nW > chunk:  # sequential attention: bounded memory for very large inputs, same result
-            outs = []
+        if chunk > 0 and nW > chunk:  # sequential attention: bounded memory for very large inputs, same result
+            outs: List[torch.Tensor] = []
             for s in range(0, nW, chunk):
-                m = None if mask is None else (mask[s:s + chunk] if mask.shape[0] > 1 else mask)
+                m = mask
+                if mask is not None and mask.shape[0] > 1:
+                    m = mask[s:s + chunk]
                 outs.append(self._attend(q[:, s:s + chunk], k[:, s:s + chunk], v[:, s:s + chunk], m, scale))
             out = torch.cat(outs, dim=1)
         else:
@@ -409,6 +455,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+@register_notrace_module
 class SwinBlock(nn.Module):
     """(Shifted-)window attention and MLP with pre-norm (V1) or res-post-norm (V2) residuals."""
 
@@ -427,7 +474,7 @@ class SwinBlock(nn.Module):
         if extra_norm:
             self.norm3 = nn.LayerNorm(dim)
         self.register_buffer("attn_mask", None, persistent=False)
-        self._mask_key: Optional[Tuple[int, ...]] = None
+        self._mask_key = (0, 0, 0, 0)  # (padded H, padded W, shift h, shift w) of the precomputed attn_mask
         self._mask_cache: Dict[Tuple[Any, ...], torch.Tensor] = {}
 
     def set_input_resolution(self, resolution: Int2, device: Optional[Union[str, torch.device]] = None) -> None:
@@ -449,25 +496,33 @@ class SwinBlock(nn.Module):
         return Hp, Wp, self.shift[0] if wh < Hp else 0, self.shift[1] if ww < Wp else 0
 
     def _get_mask(self, key: Tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
-        if key == self._mask_key and self.attn_mask is not None:
-            return self.attn_mask
-        cache_key = key + (str(device),)
-        mask = self._mask_cache.get(cache_key)
-        if mask is None:
-            mask = self._mask_cache[cache_key] = shift_mask(key[:2], self.window, key[2:], device)
-        return mask
+        if key == self._mask_key:
+            mask = self.attn_mask
+            if mask is not None:
+                return mask
+        if torch.jit.is_scripting():  # TorchScript: no cache of the masks of other input sizes
+            return shift_mask((key[0], key[1]), self.window, (key[2], key[3]), device)
+        else:
+            cache_key = key + (str(device),)
+            mask = self._mask_cache.get(cache_key)
+            if mask is None:
+                mask = self._mask_cache[cache_key] = shift_mask(key[:2], self.window, key[2:], device)
+            return mask
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        H, W = x.shape[1], x.shape[2]
         key = self._mask_geometry(H, W)
         Hp, Wp, sh, sw = key
-        shifted = bool(sh or sw)
+        shifted = sh != 0 or sw != 0
         if shifted:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         if Hp != H or Wp != W:
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         windows = window_partition(x, self.window)
-        windows = self.attn(windows, self._get_mask(key, x.device) if shifted else None)
+        mask: Optional[torch.Tensor] = None
+        if shifted:
+            mask = self._get_mask(key, x.device)
+        windows = self.attn(windows, mask)
         x = window_reverse(windows, self.window, Hp, Wp)
         if Hp != H or Wp != W:
             x = x[:, :H, :W].contiguous()
@@ -482,10 +537,12 @@ class SwinBlock(nn.Module):
         else:
             x = x + self.drop_path1(self._attn(self.norm1(x)))
             x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        norm3 = getattr(self, "norm3", None)
-        return norm3(x) if norm3 is not None else x
+        if hasattr(self, "norm3"):  # extra_norm (SwinV2-H/G); hasattr: static for TorchScript
+            x = self.norm3(x)
+        return x
 
 
+@register_notrace_module
 class PatchMerging(nn.Module):
     """2x2 neighbour concat (order (0,0),(1,0),(0,1),(1,1)) then norm->reduce (V1) or reduce->norm (V2)."""
 
@@ -496,8 +553,8 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(out_dim if self.reduce_first else 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        if H % 2 or W % 2:
+        B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        if H % 2 != 0 or W % 2 != 0:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
             H, W = H + H % 2, W + W % 2
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
@@ -506,6 +563,17 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+def check_images(x: torch.Tensor, patch_size: int) -> None:
+    """One clear line for a batch that is not (B, C, H, W) with H and W multiples of ``patch_size``."""
+    if x.ndim != 4:
+        raise ConfigError(f"expected images shaped (batch, channels, height, width), got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H % patch_size or W % patch_size:
+        raise ConfigError(f"input size {H}x{W} is not divisible by the patch size {patch_size}: resize or crop the "
+                          f"images to a multiple of {patch_size}")
+
+
+@register_notrace_module
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection to NHWC tokens, then LayerNorm."""
 
@@ -516,13 +584,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ConfigError(f"expected images shaped (batch, channels, height, width), got {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ConfigError(f"input size {H}x{W} is not divisible by the patch size {p}: resize or crop the "
-                              f"images to a multiple of {p}")
+        if not torch.jit.is_scripting():
+            check_images(x, self.patch_size)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -546,7 +609,7 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
@@ -554,15 +617,19 @@ class SwinStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool over (H, W) of NHWC features, dropout, Linear (``head.fc`` as in timm)."""
+    """Global average pool over (H, W) of NHWC features (``pool_type="avg"``; ``""``: no pooling, the classifier
+    applies at every position), dropout, Linear (``head.fc`` as in timm)."""
 
-    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0):
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0, pool_type: str = "avg"):
         super().__init__()
+        self.pool_type = pool_type
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(1, 2)))
+        if self.pool_type == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
         return x if pre_logits else self.fc(x)
 
 
@@ -574,6 +641,9 @@ class SwinTransformer(nn.Module):
     log-spaced CPB" is ``SwinTransformer(version="v1", position_bias="cpb_log")``.
     """
 
+    out_indices: List[int]
+    __jit_unused_properties__ = ["default_cfg"]  # TorchScript: a dict of mixed values, not used by forward
+
     def __init__(self, config: Optional[SwinConfig] = None, **kwargs: Any):
         """``SwinTransformer(config)``, ``SwinTransformer(**fields)`` or both (the keyword arguments replace those
         fields of ``config``): the fields and their defaults are :class:`~swinlab.models.config.SwinConfig`'s."""
@@ -581,6 +651,9 @@ class SwinTransformer(nn.Module):
         cfg = (config if config is not None else SwinConfig()).replace(**kwargs).resolved()
         self.config = cfg
         self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.global_pool = cfg.global_pool
+        self.output_fmt = "NHWC"  # timm's attribute: forward_features (and a features-only model's maps) are NHWC
         self.num_layers = cfg.num_stages
         self.patch_size = cfg.patch_size
         self.img_size = tuple(cfg.img_size)
@@ -593,7 +666,7 @@ class SwinTransformer(nn.Module):
             for i in range(self.num_layers))
         # features-only mode (create_model(..., features_only=True)): forward returns the maps of these stages
         self.features_only = False
-        self.out_indices: List[int] = []
+        self.out_indices: List[int] = []  # TorchScript: the class annotation gives the type of an empty list
         self.feature_fmt = "NHWC"
         # timm's data config for this model (timm.data.resolve_data_config(model=...)); create_model fills it from
         # timm's pretrained config of the matching tag
@@ -615,7 +688,7 @@ class SwinTransformer(nn.Module):
             start += depths[i]
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
+        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate, cfg.global_pool)
         if not self.is_meta():  # a meta build has no values to draw: init_weights() runs after materialising it
             self.apply(self._init_weights)
             if cfg.norm_placement == "res_post":
@@ -735,7 +808,7 @@ class SwinTransformer(nn.Module):
         return True
 
     # -- switches and helpers -------------------------------------------------------------------------------------
-    def blocks(self) -> List[SwinBlock]:
+    def blocks(self) -> List["SwinBlock"]:
         return [blk for stage in self.layers for blk in stage.blocks]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -794,19 +867,28 @@ class SwinTransformer(nn.Module):
         """timm's older name for :attr:`pretrained_cfg`."""
         return self.pretrained_cfg
 
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new (re-initialised) classifier for ``num_classes`` (0: none, ``forward`` gives pooled features)."""
-        if global_pool not in (None, "avg"):
-            raise ConfigError(f"global_pool={global_pool!r}: swinlab's head pools by average only, use 'avg'")
-        self.num_classes = num_classes
+        """A new (re-initialised) classifier for ``num_classes`` (0: none, ``forward`` gives pooled features), on the
+        device and in the dtype of the model's parameters. ``global_pool``: "avg" or "" (no pooling); None keeps the
+        current one."""
+        if global_pool is None:
+            global_pool = self.global_pool
+        self.config = self.config.replace(num_classes=num_classes, global_pool=global_pool).resolved()
+        self.num_classes, self.global_pool = num_classes, global_pool
         self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
-        self.config = self.config.replace(num_classes=num_classes)
-        self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate)
-        self.head.apply(self._init_weights)
+        ref = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
+        with torch.device(ref.device):
+            self.head = ClassifierHead(self.num_features, num_classes, self.config.drop_rate, global_pool).to(ref.dtype)
+        if not ref.is_meta:
+            self.head.apply(self._init_weights)
         self.head.train(self.training)  # a new head follows the model's mode (no dropout in an eval model)
 
     # -- forward --------------------------------------------------------------------------------------------------
@@ -824,15 +906,21 @@ class SwinTransformer(nn.Module):
         the mask is True are replaced by ``mask_token`` and the final normalised feature map (B, H/32, W/32, C_last)
         is returned. Both go through the module's own call, so a sharded (FSDP2) model gathers its root parameters
         as for a plain forward."""
-        if token_mask is None:
-            if self.features_only:
-                return self.forward_intermediates(x, self.out_indices, stop_early=True, output_fmt=self.feature_fmt,
-                                                  intermediates_only=True)
-            return self.forward_head(self.forward_features(x))
-        z = self.patch_embed(x)
-        w = token_mask.unsqueeze(-1).to(z.dtype)
-        z = z * (1.0 - w) + mask_token.to(z.dtype) * w
-        return self.norm(self.layers(z))
+        if self.features_only:
+            return self._feature_maps(x)
+        features = self.norm(self.layers(mask_tokens(self.patch_embed(x), token_mask, mask_token)))
+        return logits_unless_masked(self.forward_head(features), features, token_mask)
+
+    def _feature_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """A features-only model's forward (its stages end at the last map): the maps of ``out_indices``, as
+        ``forward_intermediates(x, out_indices, stop_early=True, intermediates_only=True)`` gives them."""
+        x = self.patch_embed(x)
+        maps: List[torch.Tensor] = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if i in self.out_indices:
+                maps.append(x.permute(0, 3, 1, 2).contiguous() if self.feature_fmt == "NCHW" else x)
+        return maps
 
     def forward_intermediates(
             self,
@@ -886,7 +974,7 @@ class SwinTransformer(nn.Module):
         return taken
 
     def as_features(self, out_indices: Optional[Union[int, Sequence[int]]] = None,
-                    output_fmt: str = "NHWC") -> SwinTransformer:
+                    output_fmt: str = "NHWC") -> "SwinTransformer":
         """Turn this model into a feature extractor in place (``create_model(..., features_only=True)``):
         ``forward`` returns the un-normalised maps of the stages ``out_indices`` (default all), NHWC as timm's
         ``features_only`` Swin models give them (or ``output_fmt="NCHW"``); the later stages, final norm and head
@@ -896,6 +984,7 @@ class SwinTransformer(nn.Module):
         infos = self.feature_info
         taken = self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True)
         self.features_only, self.out_indices, self.feature_fmt = True, taken, output_fmt
+        self.output_fmt = output_fmt
         self.feature_info = FeatureInfoList(dict(infos[i], index=i) for i in taken)
         return self
 
@@ -904,3 +993,4 @@ class SwinTransformer(nn.Module):
         patch_size * (1, 2, 4, 8) (4/8/16/32 for the standard models). ``norm_last`` applies the final norm
         to the last map. (:meth:`forward_intermediates` with every stage.)"""
         return self.forward_intermediates(x, norm=norm_last, intermediates_only=True)
+

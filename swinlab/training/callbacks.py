@@ -424,7 +424,8 @@ class ResumeState(Checkpoint):
       them) in every checkpoint and restores them when training resumes.
     - ``every_n_train_steps`` > 0: also writes ``last.ckpt`` (in the ModelCheckpoint's folder) every that many
       optimizer steps, so a run killed mid-epoch loses at most that many steps. The training loader's position is
-      saved with it (``swinlab.data.ResumableLoader``): ``fit --ckpt_path last`` continues with the next batch.
+      saved with it (``swinlab.data.common.ResumableLoader``, torchdata's StatefulDataLoader): ``fit --ckpt_path
+      last`` continues with the next batch.
     """
 
     def __init__(self, every_n_train_steps: int = 0, restore_rng: bool = True):
@@ -434,11 +435,12 @@ class ResumeState(Checkpoint):
                                f"ends only)")
         self.every_n_train_steps, self.restore_rng = int(every_n_train_steps), bool(restore_rng)
         self._pending: Optional[Dict[str, Any]] = None
+        self._rng_override: Optional[Dict[str, Any]] = None
         self._last_saved = -1
         self.path: Optional[str] = None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"rng": _rng_states()}
+        return {"rng": self._rng_override if self._rng_override is not None else _rng_states()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._pending = state_dict.get("rng")
@@ -456,6 +458,13 @@ class ResumeState(Checkpoint):
         if n <= 0 or step == 0 or step % n or step == self._last_saved or trainer.sanity_checking:
             return
         self._last_saved = step
+        self.save_last(trainer)
+
+    def save_last(self, trainer, rng: Optional[Dict[str, Any]] = None) -> str:
+        """Write ``last.ckpt`` now (every rank calls it: a collective under sharded strategies) and return its path.
+        ``rng``: the RNG states to store instead of the current ones (:class:`~swinlab.training.preemption.Preemption`
+        saving in the middle of a validation gives those from before it: the resumed run repeats that validation)."""
+        step = trainer.global_step
         cb = trainer.checkpoint_callback
         if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             # the ModelCheckpoint's own last.ckpt (its later epoch-end saves overwrite it instead of adding -v1)
@@ -464,7 +473,12 @@ class ResumeState(Checkpoint):
             cb.last_model_path = self.path
         else:
             self.path = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints", "last.ckpt")
-        trainer.save_checkpoint(self.path, weights_only=False)
+        self._rng_override = rng
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        finally:
+            self._rng_override = None
+        return self.path
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -1,15 +1,16 @@
 """Lightning CheckpointIO that writes atomically and loads without unpickling arbitrary objects.
 
 Save: a temporary file beside the target, flushed and fsync'ed, then ``os.replace`` onto the target, so a crash, a
-kill or a full disk during a save leaves the previous checkpoint (``last.ckpt`` included) intact. Load:
+kill or a full disk during a save leaves the previous checkpoint (``last.ckpt`` included) intact. Load: the file's
+opcodes are checked against an exact allowlist (:mod:`swinlab.models.pickle_scan`), then
 ``torch.load(weights_only=True)``: a checkpoint carrying a pickle payload is refused before anything in it runs.
+Checkpoint folders (FSDP2, DeepSpeed), which their libraries unpickle without restriction, get the same opcode check
+(:func:`check_checkpoint_folder`).
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -17,7 +18,15 @@ import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from ..errors import CheckpointError
-from ..models.checkpoint import safe_torch_load, unpickling_reason
+from ..models.checkpoint import safe_torch_load
+from ..models.pickle_scan import (
+    DTYPE_GLOBALS,
+    TENSOR_GLOBALS,
+    MalformedPickle,
+    UnsafePickle,
+    check_torch_file,
+    pickle_globals,
+)
 
 
 def _is_local(path: Any) -> bool:
@@ -82,10 +91,22 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 # -- distributed checkpoint folders (FSDP2 / DeepSpeed): checked before their libraries unpickle them ---------------
 TRUST_ENV = "SWINLAB_TRUST_CHECKPOINTS"
-#: torch files in checkpoint folders may hold tensors, plain containers and these classes (DeepSpeed's ZeRO state)
-DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                          "deepspeed.runtime.zero.config.ZeroStageEnum",
-                          "deepspeed.utils.tensor_fragment.fragment_address")
+#: what DeepSpeed's ZeRO files name besides tensors (its loss scalers, ZeRO stage and fragment map)
+DEEPSPEED_GLOBALS: frozenset = frozenset({("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                                          ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                                          ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                                          ("deepspeed.utils.tensor_fragment", "fragment_address")})
+#: what a ``torch.distributed.checkpoint`` ``.metadata`` pickle names: its own dataclasses, sizes, dtypes, layouts,
+#: memory formats and the checkpoint's path
+DCP_METADATA_GLOBALS: frozenset = frozenset(
+    {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")}
+    | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+       ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"), ("collections", "OrderedDict")}
+    | DTYPE_GLOBALS)
+#: torch files in checkpoint folders (DeepSpeed's model and optimizer states, Lightning's meta.pt, DCP byte items)
+FOLDER_TORCH_GLOBALS: frozenset = TENSOR_GLOBALS | DEEPSPEED_GLOBALS
 _PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
@@ -93,92 +114,139 @@ def checkpoints_trusted() -> bool:
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def _dcp_metadata_global(module: str, name: str) -> bool:
-    """What a ``torch.distributed.checkpoint`` ``.metadata`` file may name: its own dataclasses, sizes, dtypes,
-    layouts, memory formats and paths. Constructing any of them runs no code of the file's choosing."""
-    if module.startswith("torch.distributed.checkpoint."):
-        return True
-    if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                          ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}:
-        return True
-    return module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                         torch.memory_format))
+class _Refused(Exception):
+    """A file of the folder that the check refuses (the reason, and whether it is the file's content or layout)."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _ExactUnpickler(pickle.Unpickler):
+    """Reads a ``.metadata`` pickle that :func:`pickle_globals` has passed, admitting the same exact pairs only."""
+
     def find_class(self, module: str, name: str):
-        if not _dcp_metadata_global(module, name):
-            raise _Unsafe(f"{module}.{name}")
+        if (module, name) not in DCP_METADATA_GLOBALS:
+            raise UnsafePickle(f"{module}.{name}")
         return super().find_class(module, name)
 
 
-class _Unsafe(Exception):
-    pass
-
-
-def _deepspeed_globals() -> list:
-    import importlib
-    found = []
-    for dotted in DEEPSPEED_SAFE_GLOBALS:
-        module, _, name = dotted.rpartition(".")
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return found
-
-
-def _torch_load_checked(source: Any) -> None:
-    """``torch.load(weights_only=True)`` with DeepSpeed's plain classes allowed; raises _Unsafe otherwise."""
-    import pickle
-    try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
-            torch.load(source, map_location="cpu", weights_only=True,
-                       mmap=not isinstance(source, io.BytesIO) and zipfile.is_zipfile(source))
-    except pickle.UnpicklingError as exc:
-        raise _Unsafe(unpickling_reason(exc)) from None
-
-
 def check_checkpoint_folder(path: str | os.PathLike) -> None:
-    """Refuse a checkpoint folder whose pickled parts hold anything but tensors, plain containers and the
-    checkpoint libraries' own metadata classes, before FSDP2's distributed checkpoint (``.metadata`` and byte items,
-    unpickled with ``pickle``/``weights_only=False`` by torch) or DeepSpeed (``torch.load(weights_only=False)``) reads
-    it. ``SWINLAB_TRUST_CHECKPOINTS=1`` skips the check for folders you trust."""
+    """Refuse a checkpoint folder unless every pickle in it names only exact, listed globals, before FSDP2's
+    distributed checkpoint (``.metadata`` and byte items, unpickled by torch with ``pickle`` and
+    ``weights_only=False``), Lightning (``meta.pt``) or DeepSpeed (``*.pt``, ``torch.load(weights_only=False)``)
+    reads it. Nothing is imported or resolved to decide (:mod:`swinlab.models.pickle_scan`); paths the folder names
+    (DeepSpeed's ``latest``, the storage files of ``.metadata``) must be files of the folder, and links inside it are
+    refused. ``SWINLAB_TRUST_CHECKPOINTS=1`` skips the check for folders you trust."""
     if checkpoints_trusted():
         return
     root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        try:
-            if file.name == ".metadata":
-                with open(file, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-                _check_byte_items(root, metadata)
-            elif file.suffix in _PICKLED_SUFFIXES:
-                _torch_load_checked(str(file))
-        except _Unsafe as exc:
-            raise CheckpointError(
-                f"checkpoint folder {root}: {file.relative_to(root)} holds objects other than tensors and plain "
-                f"containers ({exc}), which loading it would unpickle and run: resume only from folders you trust; "
-                f"if this one is, set {TRUST_ENV}=1") from None
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint folder {root}: cannot read {file.relative_to(root)} "
-                                  f"({type(exc).__name__}): the folder is truncated or not a checkpoint; resume from "
-                                  f"another one") from None
+    current = None
+    try:
+        files = _folder_files(root)
+        storage: set = set()
+        for file in files:
+            if file.name.endswith(".metadata"):
+                current = file
+                storage |= _check_dcp_metadata(root, file)
+        current = root / "latest"
+        if current.is_file():
+            _check_latest(root, current)
+        for file in files:
+            current = file
+            if file.name.endswith(".metadata") or file.name in storage:
+                continue
+            with open(file, "rb") as f:
+                head = f.read(4)
+            if file.suffix in _PICKLED_SUFFIXES or head[:1] == b"\x80" or head == b"PK\x03\x04":
+                check_torch_file(str(file), FOLDER_TORCH_GLOBALS)
+    except MalformedPickle as exc:
+        raise CheckpointError(f"checkpoint folder {root}: cannot read {_rel(root, current)} ({exc}): the folder is "
+                              f"truncated or not a checkpoint; resume from another one") from None
+    except UnsafePickle as exc:
+        raise CheckpointError(
+            f"checkpoint folder {root}: {_rel(root, current)} holds objects other than tensors and plain "
+            f"containers ({exc}), which loading it would unpickle and run: resume only from folders you trust; "
+            f"if this one is, set {TRUST_ENV}=1") from None
+    except _Refused as exc:
+        raise CheckpointError(f"checkpoint folder {root}: {exc}; resume only from folders you trust (copy the "
+                              f"checkpoint as a plain folder), or set {TRUST_ENV}=1 if this one is") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint folder {root}: cannot read {_rel(root, current)} "
+                              f"({type(exc).__name__}): the folder is truncated or not a checkpoint; resume from "
+                              f"another one") from None
 
 
-def _check_byte_items(root: Path, metadata: Any) -> None:
-    """A distributed checkpoint keeps non-tensor values as ``torch.save`` blobs inside the ``.distcp`` files, which
-    torch loads with ``weights_only=False``: check each with ``weights_only=True``."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+def _rel(root: Path, file: Optional[Path]) -> str:
+    if file is None:
+        return str(root)
+    try:
+        return str(file.relative_to(root))
+    except ValueError:
+        return str(file)
+
+
+def _folder_files(root: Path) -> list:
+    """Every regular file under ``root`` (itself may be a link, as a ``save_last="link"`` last.ckpt is); a link
+    inside is refused: the libraries would follow it out of the folder, where this check does not look."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                raise _Refused(f"{_rel(root, entry)} is a link, which loading would follow out of the folder")
+            if name in filenames and entry.is_file():
+                files.append(entry)
+    return sorted(files)
+
+
+def _check_latest(root: Path, latest: Path) -> None:
+    """DeepSpeed reads the name of the checkpoint to load from ``latest`` and opens ``<folder>/<name>``: a name that
+    is not a subfolder of this one would make it read files from anywhere."""
+    if latest.stat().st_size > 4096:
+        raise _Refused("latest is not DeepSpeed's one-line tag file")
+    tag = latest.read_text(errors="replace").strip()
+    if not _plain_name(tag) or not (root / tag).is_dir():
+        raise _Refused(f"latest names {tag[:80]!r}, not a subfolder of this checkpoint")
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\x00" not in name
+
+
+def _check_dcp_metadata(root: Path, file: Path) -> set:
+    """Check a ``.metadata`` pickle, then read it with the same exact pairs: its storage files must be plain files
+    of the folder and every byte item (a ``torch.save`` blob that torch unpickles) must pass the tensor allowlist.
+    Returns the storage file names."""
+    with open(file, "rb") as f:
+        pickle_globals(f, DCP_METADATA_GLOBALS)
+        f.seek(0)
+        metadata = _ExactUnpickler(f).load()
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise _Refused(f"{_rel(root, file)} is not a distributed checkpoint's metadata")
     byte_keys = {k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    names, sizes = set(), {}
     for index, info in metadata.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if not _plain_name(name) or not (root / name).is_file() or (root / name).is_symlink():
+            raise _Refused(f"{_rel(root, file)} names the storage file {str(name)[:80]!r}, which is not a file of "
+                           f"the folder")
+        names.add(name)
+        size = sizes.setdefault(name, (root / name).stat().st_size)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0 \
+                or offset + length > size:
+            raise _Refused(f"{_rel(root, file)} places an item at bytes {offset}+{length} of {name} "
+                           f"({size} bytes): the folder is truncated or tampered with")
         if index.fqn not in byte_keys:
             continue
         if getattr(info, "transform_descriptors", None):
-            raise _Unsafe(f"transformed byte item {index.fqn}")
-        with open(root / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            blob = io.BytesIO(f.read(info.length))
-        _torch_load_checked(blob)
+            raise UnsafePickle(f"transformed byte item {index.fqn}")
+        with open(root / name, "rb") as f:
+            f.seek(offset)
+            blob = f.read(length)
+        try:
+            check_torch_file(blob, TENSOR_GLOBALS)
+        except UnsafePickle as exc:
+            raise UnsafePickle(f"byte item {index.fqn} in {name}: {exc}") from None
+    return names

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -34,9 +35,10 @@ from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ..errors import CheckpointError, ConfigError, SwinlabError
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
+from .preemption import Preemption, Stopped, forget_signals, slurm_restarted, slurm_run_name, stopped_by
 from .signal_monitor import SignalMonitor
 
 # ckpt_path values Lightning resolves itself (not file paths)
@@ -184,6 +186,68 @@ class RunFolder:
                 Path(full).write_bytes(self.before[rel])
 
 
+def _blocker(path: Path) -> Path:
+    """The nearest existing path at or above ``path`` (what decides whether it can be created)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def unwritable_reason(path: Union[str, Path], exc: Optional[OSError] = None) -> str:
+    """Why ``path`` cannot be created or written, in words: an existing part of it that is a file, a folder that is
+    not writable or on a read-only filesystem, or the error's own reason."""
+    import errno
+
+    path = Path(path)
+    block = _blocker(path)
+    if block != path and not block.is_dir():
+        return f"{block} is a file, not a folder"
+    code = getattr(exc, "errno", None)
+    if code == errno.EROFS:
+        return f"{block} is on a read-only filesystem"
+    if code in (errno.EACCES, errno.EPERM) or (exc is None and not os.access(block, os.W_OK)):
+        return f"{block} is not writable (permission denied)"
+    if code == errno.ENOSPC:
+        return "no space left on the device"
+    return (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "it cannot be written"
+
+
+def _unwritable(path: Path, exc: OSError, key: str) -> str:
+    return f"cannot create {path}: {unwritable_reason(path, exc)}: set {key} to a folder this run can write to"
+
+
+def _claim_new(folder: Path, key: str, fix: str, place: Optional[str] = None) -> RunFolder:
+    """Create ``folder`` (and its missing parents) for this run alone: ``os.mkdir`` fails if it exists, so of two runs
+    started at the same moment only one gets it. An existing folder is refused in one line naming ``fix``; one that
+    cannot be created names ``place`` (default ``key``), the setting that moves it."""
+    parents, place = _new_parents(folder), place or key
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(folder)
+    except FileExistsError as exc:
+        if not folder.is_dir():
+            raise ConfigError(_unwritable(folder, exc, place)) from None
+        raise ConfigError(f"{folder} already exists ({key}): a new run never writes into another run's folder: "
+                          f"{fix}") from None
+    except OSError as exc:
+        raise ConfigError(_unwritable(folder, exc, place)) from None
+    return RunFolder(folder, parents, created=True)
+
+
+def _next_version(root: Path) -> str:
+    """The ``version_<n>`` a run without an explicit version would get under ``root`` now."""
+    taken = [int(p.name[len("version_"):]) for p in root.iterdir()
+             if p.name.startswith("version_") and p.name[len("version_"):].isdigit()] if root.is_dir() else []
+    return f"version_{max(taken, default=-1) + 1}"
+
+
+def _saves_checkpoints(cfg) -> bool:
+    """Whether this run's ModelCheckpoint writes anything (top-k, last.ckpt or mid-epoch saves)."""
+    return bool(cfg.get("checkpoint.save_top_k", 1) != 0 or cfg.get("checkpoint.save_last")
+                or (cfg.get("resume.every_n_train_steps") or 0) > 0)
+
+
 def _new_parents(path: Path) -> List[Path]:
     """The folders above ``path`` that do not exist yet, innermost first."""
     missing = []
@@ -241,6 +305,7 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(ResumeState, "resume")
     parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
     parser.add_lightning_class_args(PredictionWriter, "predictions")
+    parser.add_lightning_class_args(Preemption, "preemption")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
     parser.add_argument("--allow_random_weights", type=bool, default=False,
@@ -335,6 +400,7 @@ class SwinlabCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.ckpt_path_in_use: Optional[str] = None
         self.run_folder: Optional[RunFolder] = None  # the log folder this run writes to (rank 0), while undoable
+        self.claimed: List[RunFolder] = []  # other folders claimed for this run alone (checkpoint.dirpath ...)
         self.saved_config_unset: List[str] = []  # keys SaveRunConfig writes as null (the reserved version)
         self.first_batch = FirstBatch()
         self.config_saver: Optional[SaveRunConfig] = None
@@ -343,11 +409,20 @@ class SwinlabCLI(LightningCLI):
             super().__init__(*args, **kwargs)
         except BaseException as exc:
             if not self.first_batch.seen:  # stopped while setting up: leave the disk as it was
-                if self.run_folder is not None:
-                    self.run_folder.rollback()
-                elif self.config_saver is not None and self.config_saver.written is not None:
-                    self.config_saver.written.unlink(missing_ok=True)  # no log folder: the config went to the cwd
+                for folder in [self.run_folder, *self.claimed]:
+                    if folder is not None:
+                        folder.rollback()
+                if self.config_saver is not None and self.config_saver.written is not None:
+                    with contextlib.suppress(OSError):  # no log folder: the config went to default_root_dir
+                        self.config_saver.written.unlink(missing_ok=True)
             msg = str(exc)
+            folder = self.ckpt_path_in_use is not None and "://" not in str(self.ckpt_path_in_use) \
+                and Path(str(self.ckpt_path_in_use)).is_dir()
+            if folder and not self.first_batch.seen and isinstance(exc, Exception) and _swinlab_cause(exc) is None:
+                raise CheckpointError(f"cannot resume from checkpoint folder {self.ckpt_path_in_use} "
+                                      f"({type(exc).__name__}: {first_line(exc, 160)}): the folder is incomplete "
+                                      f"(a file or key its .metadata lists is missing) or was written by another "
+                                      f"version; resume from another checkpoint") from None
             if not isinstance(exc, RuntimeError) or "Error(s) in loading state_dict" not in msg \
                     or self.ckpt_path_in_use is None:
                 raise
@@ -410,6 +485,10 @@ class SwinlabCLI(LightningCLI):
         if not isinstance(ckpt, dict):
             raise CheckpointError(f"--ckpt_path {ckpt_path} holds a {type(ckpt).__name__}, not a Lightning "
                                   f"checkpoint: pass weights as model.init_args.checkpoint instead")
+        if "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+            raise CheckpointError(f"--ckpt_path {ckpt_path} holds weights only, not a Lightning checkpoint saved "
+                                  f"by fit (no state_dict, no training state): give these weights as "
+                                  f"--model.init_args.checkpoint {ckpt_path}")
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         return hparams
@@ -454,6 +533,8 @@ class SwinlabCLI(LightningCLI):
         self._monitor_ema(cfg)
         if cfg.get("trainer.enable_checkpointing") is False:
             self._checkpointing_off(cfg)
+        if self.subcommand == "fit" and cfg.get("ckpt_path") is None and slurm_restarted():
+            self._resume_requeued_job(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last" and not cfg.get("checkpoint.dirpath"):
             if self._resolve_last(cfg) and Path(cfg.ckpt_path).is_file():  # the checks of an explicit file
                 hparams = self._ckpt_hparams(cfg.ckpt_path)
@@ -461,6 +542,7 @@ class SwinlabCLI(LightningCLI):
                     self._check_ckpt_model(cfg.ckpt_path, hparams)
         ckpt = cfg.get("ckpt_path")
         if ckpt and str(ckpt).split(":")[0] not in SPECIAL_CKPT_PATHS and Path(ckpt).is_dir():
+            _check_folder_strategy(ckpt, cfg)
             from .checkpoint_io import check_checkpoint_folder
             check_checkpoint_folder(ckpt)  # FSDP2 / DeepSpeed folders: their libraries unpickle what they hold
         if self.subcommand in RUN_COMMANDS:
@@ -509,40 +591,117 @@ class SwinlabCLI(LightningCLI):
                           "the untrained initial weights")
 
     def _claim_run_folder(self, cfg) -> None:
-        """Fix the version folder the logger will write to, before the logger is built, and remember how to undo the
-        run's writes there (:class:`RunFolder`) should it stop before its first batch.
+        """Fix the folders the run will write to, before anything is built, and remember how to undo the run's writes
+        there (:class:`RunFolder`) should it stop before its first batch. A new run never writes into a folder that
+        holds another run's files: every folder it writes to is claimed with ``os.mkdir`` (atomic: of two runs started
+        at the same moment, one gets it and the other a different one, or a one-line refusal).
 
-        With no ``version`` given, rank 0 reserves the next ``version_<n>`` with ``os.mkdir`` (:func:`reserve_version`:
-        atomic, so simultaneous runs get different folders) and sets ``trainer.logger.init_args.version``; the other
-        ranks Lightning launches read that number from the environment. A given version (``--ckpt_path last``, an
-        explicit ``version:``) is kept."""
+        With no ``version`` given, rank 0 reserves the next ``version_<n>`` (:func:`reserve_version`) and sets
+        ``trainer.logger.init_args.version``; the other ranks Lightning launches read that number from the
+        environment. An explicit ``version`` must be a folder that does not exist yet, unless ``fit`` resumes a
+        checkpoint into it (``--ckpt_path``; ``--ckpt_path last`` finds it). With the logger off the run writes into
+        ``trainer.default_root_dir``: its ``checkpoints`` folder (or ``checkpoint.dirpath``) is claimed the same way."""
+        if cfg.get("trainer.fast_dev_run"):
+            return
+        job = self._slurm_job_version(cfg)
+        if not is_global_zero():
+            self._share_version(cfg)
+            return
+        resuming = self.subcommand == "fit" and bool(cfg.get("ckpt_path"))
         logger = cfg.get("trainer.logger")
-        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if logger in (None, False):
+            self._claim_unlogged(cfg, resuming)
+            return
+        if self.subcommand == "fit" and cfg.get("checkpoint.dirpath") and not resuming and _saves_checkpoints(cfg):
+            self.claimed.append(_claim_new(Path(cfg.checkpoint.dirpath), "checkpoint.dirpath",
+                                           "--checkpoint.dirpath <a new folder>"))
+        init = getattr(logger, "init_args", None) if logger is not True else None
         class_path = str(getattr(logger, "class_path", "") or "")
-        if init is None or class_path.rsplit(".", 1)[-1] not in VERSIONED_LOGGERS or cfg.get("trainer.fast_dev_run"):
+        if init is None or class_path.rsplit(".", 1)[-1] not in VERSIONED_LOGGERS:
             return
         save_dir = init.get("save_dir")
         if save_dir is None or "://" in str(save_dir):
             return  # a remote filesystem: Lightning's own numbering
         root = Path(save_dir) / str(init.get("name") or "")
-        key = "trainer.logger.init_args.version"
         version = init.get("version")
-        if not is_global_zero():
-            shared = json.loads(os.environ.get(RUN_VERSION_ENV) or "{}")
-            if version is None and shared.get("root") == str(root.resolve()):
-                init.version = shared["version"]
-                self.saved_config_unset.append(key)
-            return
         if version is not None:
             folder = root / (version if isinstance(version, str) else f"version_{version}")
-            self.run_folder = RunFolder(folder, _new_parents(folder))
+            if resuming or (job is not None and slurm_restarted()):  # a requeued job keeps its own folder
+                self.run_folder = RunFolder(folder, _new_parents(folder))
+                return
+            fresh = f"drop trainer.logger.init_args.version (this run then gets {root / _next_version(root)}) or " \
+                    f"give a version that is free"
+            resume = f"resume that run with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'} (or --ckpt_path " \
+                     f"last), or {fresh}"
+            self.run_folder = _claim_new(folder, "trainer.logger.init_args.version",
+                                         resume if self.subcommand == "fit" else fresh,
+                                         "trainer.logger.init_args.save_dir")
             return
         parents = _new_parents(root / "version_0")
-        n = reserve_version(root)
+        try:
+            n = reserve_version(root)
+        except OSError as exc:
+            raise ConfigError(_unwritable(root, exc, "trainer.logger.init_args.save_dir (or name)")) from None
         self.run_folder = RunFolder(root / f"version_{n}", parents, created=True)
         init.version = n
-        self.saved_config_unset.append(key)
+        self.saved_config_unset.append("trainer.logger.init_args.version")
         os.environ[RUN_VERSION_ENV] = json.dumps({"root": str(root.resolve()), "version": n})
+
+    @staticmethod
+    def _log_root(cfg) -> Optional[Path]:
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        class_path = str(getattr(logger, "class_path", "") or "")
+        if init is None or class_path.rsplit(".", 1)[-1] not in VERSIONED_LOGGERS:
+            return None
+        save_dir = init.get("save_dir")
+        if save_dir is None or "://" in str(save_dir):
+            return None
+        return Path(save_dir) / str(init.get("name") or "")
+
+    def _slurm_job_version(self, cfg) -> Optional[str]:
+        """A SLURM job without an explicit version logs into ``job<id>`` (:func:`slurm_run_name`): the same folder on
+        every rank and after a requeue. Returns that name, or None outside SLURM or with a version given."""
+        root = self._log_root(cfg)
+        init = cfg.trainer.logger.init_args if root is not None else None
+        if init is None or init.get("version") is not None:
+            return None
+        job = slurm_run_name()
+        if job is not None:
+            init.version = job
+            self.saved_config_unset.append("trainer.logger.init_args.version")
+        return job
+
+    def _share_version(self, cfg) -> None:
+        """A rank other than 0: log into the version rank 0 reserved (passed on in the environment)."""
+        root = self._log_root(cfg)
+        if root is None:
+            return
+        init = cfg.trainer.logger.init_args
+        shared = json.loads(os.environ.get(RUN_VERSION_ENV) or "{}")
+        if init.get("version") is None and shared.get("root") == str(root.resolve()):
+            init.version = shared["version"]
+            self.saved_config_unset.append("trainer.logger.init_args.version")
+
+    def _claim_unlogged(self, cfg, resuming: bool) -> None:
+        """``--trainer.logger false``: the run writes into ``trainer.default_root_dir`` (the working directory by
+        default): ``fit`` claims its checkpoint folder (``<default_root_dir>/checkpoints`` or ``checkpoint.dirpath``)
+        and must not find an earlier ``best.safetensors`` there."""
+        if self.subcommand != "fit" or resuming:
+            return
+        root = Path(cfg.get("trainer.default_root_dir") or ".")
+        if cfg.get("export.enabled", True):
+            best = root / (cfg.get("export.filename") or "best.safetensors")
+            if best.exists():
+                raise ConfigError(f"{best} exists (another run's weights): with the logger off, fit writes into "
+                                  f"trainer.default_root_dir ({root}); give --trainer.default_root_dir <a new folder>, "
+                                  f"or keep the logger (each run then gets its own version folder)")
+        if _saves_checkpoints(cfg):
+            dirpath = cfg.get("checkpoint.dirpath")
+            self.claimed.append(_claim_new(
+                Path(dirpath) if dirpath else root / "checkpoints", "checkpoint.dirpath" if dirpath else
+                "trainer.default_root_dir", "--trainer.default_root_dir <a new folder>, or keep the logger (each run "
+                                            "then gets its own version folder)"))
 
     def after_instantiate_classes(self) -> None:
         # from here on the subcommand runs: a state-dict mismatch now comes from loading --ckpt_path (see __init__)
@@ -571,12 +730,31 @@ class SwinlabCLI(LightningCLI):
             raise ConfigError(f"the trainer settings were refused: {_one_line(exc)} (see `python -m swinlab "
                               f"{self.subcommand} --help`)") from None
         attach_safe_checkpoint_io(trainer)
+        if trainer.logger is None:  # --trainer.logger false: Lightning's LR monitor refuses to run without one
+            trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
         trainer.callbacks.append(self.first_batch)
         for callback in trainer.callbacks:
             if isinstance(callback, SaveRunConfig):
                 callback.unset = list(self.saved_config_unset)
                 self.config_saver = callback
         return trainer
+
+    def _resume_requeued_job(self, cfg) -> None:
+        """A requeued SLURM job (SLURM_RESTART_COUNT >= 1) without --ckpt_path continues from the ``last.ckpt`` in
+        its own run folder (``runs/<name>/job<id>``), when the earlier start wrote one; every rank finds the same
+        file. An explicit ``version`` or ``--ckpt_path`` is left as given."""
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if init is None or init.get("version") is not None or init.get("save_dir") is None:
+            return
+        last = Path(init.save_dir) / str(init.get("name") or "") / slurm_run_name() / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            return
+        cfg.ckpt_path = str(last)
+        if last.is_file():
+            hparams = self._ckpt_hparams(cfg.ckpt_path)
+            if hparams:
+                self._check_ckpt_model(cfg.ckpt_path, hparams)
 
     @staticmethod
     def _resolve_last(cfg) -> bool:
@@ -602,6 +780,27 @@ class SwinlabCLI(LightningCLI):
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)
         return True
+
+
+def _check_folder_strategy(ckpt: str, cfg) -> None:
+    """A checkpoint folder is read by the strategy that wrote it: FSDP2's distributed checkpoint (``.metadata``) by
+    ModelParallelStrategy, a ZeRO folder (``latest``, ``checkpoint/``) by DeepSpeed. Any other folder, or a folder
+    given to a run with another strategy, is refused in one line."""
+    from .preflight import strategy_family
+
+    root = Path(ckpt)
+    kind = "fsdp2" if (root / ".metadata").is_file() else \
+        "deepspeed" if (root / "latest").is_file() or (root / "checkpoint").is_dir() else None
+    family = strategy_family(cfg.get("trainer.strategy"))
+    names = {"fsdp2": "an FSDP2 distributed checkpoint (ModelParallelStrategy, experiments/strategy/fsdp2.yaml)",
+             "deepspeed": "a DeepSpeed ZeRO checkpoint (experiments/strategy/zero*.yaml)"}
+    if kind is None:
+        raise CheckpointError(f"--ckpt_path {ckpt} is a folder but not a checkpoint folder (no .metadata of a "
+                              f"distributed checkpoint, no DeepSpeed 'latest'): give a .ckpt file or a complete "
+                              f"checkpoint folder")
+    if family != kind:
+        raise CheckpointError(f"--ckpt_path {ckpt} is {names[kind]} but trainer.strategy is {family}: resume it with "
+                              f"the strategy that wrote it (compose that experiments/strategy file)")
 
 
 def attach_safe_checkpoint_io(trainer) -> bool:
@@ -743,6 +942,7 @@ def config_error(exc: BaseException, command: str) -> SwinlabError:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a LightningCLI subcommand; bad settings raise ConfigError with one line naming the problem."""
     from jsonargparse import ArgumentError
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     saved_argv = sys.argv
@@ -750,10 +950,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # hold this command's arguments (also when main() is called with an explicit argv), or the workers would start
     # without a subcommand and rank 0 would wait for them forever.
     sys.argv = [sys.argv[0], *argv]
+    forget_signals()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         if argv and argv[0] in RUN_COMMANDS:
             check_config_files(argv[1:])
         SwinlabCLI(LightningModule, LightningDataModule, **CLI_KWARGS)
+    except SIGTERMException:  # Lightning's own SIGTERM path (outside training) exits with status None, i.e. 0
+        raise Stopped(signal.SIGTERM) from None
     except ArgumentError as exc:
         raise config_error(exc, argv[0] if argv else "fit") from None
     except SwinlabError as exc:
@@ -765,6 +969,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise type(cause)(_one_line(cause)) from None
     finally:
         sys.argv = saved_argv
+        for signum, handler in handlers.items():  # Lightning restores the handlers it found: Preemption's
+            if handler is not None:
+                signal.signal(signum, handler)
+    if stopped_by() is not None:  # a signal outside the steps (setup, export): the run did not finish as asked
+        raise Stopped(stopped_by())
     return 0
 
 
