@@ -414,7 +414,9 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
     """The instrument's share of a training step (forward, cross-entropy, backward, AdamW step, fp32): median step
     time with no hooks, with the hooks attached but disarmed (the steps between logging steps) and armed (a logging
     step: the reductions and :meth:`SignalProbe.collect`), the three interleaved round by round so machine noise hits
-    them alike; ``cost`` is the mean step over ``every`` steps (one armed, the rest disarmed) against no hooks."""
+    them alike; ``cost`` is the mean step over ``every`` steps (one armed, the rest disarmed) against no hooks. On the
+    CPU the clock is this process's CPU time (``time.process_time``: other jobs on a shared machine do not enter it);
+    on CUDA, wall time with a synchronisation before and after each step."""
     from ..models import create_model
     from ..training.signal_monitor import SignalProbe
 
@@ -435,9 +437,10 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
         else:
             probe.attach()
             probe.armed = mode == "armed"
+        clock = time.perf_counter if dev.type == "cuda" else time.process_time
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        start = time.perf_counter()
+        start = clock()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -447,7 +450,7 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
             probe.collect(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
+        return clock() - start
 
     modes = ("off", "hooks", "armed")
     for mode in modes:  # warm-up
@@ -460,6 +463,7 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
     med = {m: statistics.median(t) for m, t in times.items()}
     mean_step = ((every - 1) * med["hooks"] + med["armed"]) / every
     return dict(model=model_name, img_size=size[0], batch_size=batch_size, device=device,
+                clock="wall" if dev.type == "cuda" else "CPU time",
                 threads=torch.get_num_threads(), blocks=len(probe.names), off_ms=med["off"] * 1e3,
                 hooks_ms=med["hooks"] * 1e3, armed_ms=med["armed"] * 1e3, every=every,
                 cost_pct=(mean_step / med["off"] - 1) * 100)
@@ -495,8 +499,8 @@ def main(argv: List[str]) -> int:
             raise ConfigError(f"--every {args.every} and --steps {args.steps} must be >= 1")
         r = measure_cost(args.model, args.img_size, args.batch_size, args.steps, args.every, args.device,
                          args.threads)
-        print("| model | image | batch | device, threads | blocks | step, no hooks (ms) | disarmed (ms) | "
-              "logging step (ms) | cost at log_every_n_steps |")
+        print(f"| model | image | batch | device, threads | blocks | step, no hooks (ms {r['clock']}) | "
+              "disarmed (ms) | logging step (ms) | cost at log_every_n_steps |")
         print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {r['model']} | {r['img_size']} | {r['batch_size']} | {r['device']}, {r['threads']} | {r['blocks']} "
               f"| {r['off_ms']:.1f} | {r['hooks_ms']:.1f} | {r['armed_ms']:.1f} | {r['cost_pct']:+.2f}% at "
