@@ -86,7 +86,7 @@ def test_timm_format_loads_strictly_into_timm_with_equal_logits(tmp_path, capsys
 
 def test_timm_format_of_a_timm_registered_model_at_another_size_loads_with_pretrained_cfg_overlay(
         tmp_path, capsys, monkeypatch):
-    """The README's line: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)); here
+    """docs/models.md's line: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)); here
     SwinV2-T moved to 64 px / window 4 (so timm needs img_size, window_size and pretrained_window_sizes)."""
     import timm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights come from the file, never the Hub
