@@ -237,7 +237,7 @@ def test_slurm_two_nodes_fsdp2_replicates_across_nodes(tmp_path):
     for rank in range(2):
         envs.append(_env(tmp_path, SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID=str(rank),
                          SLURM_LOCALID="0", SLURM_NODEID=str(rank), SLURM_JOB_NAME="swinlab", SLURM_JOB_ID="4242",
-                         SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                         SLURM_STEP_ID="0", SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
     args = [*SMALL, "--config", str(STRATEGY / "fsdp2.yaml"), "--config", str(STRATEGY / "multinode.yaml"),
             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size",
             "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
@@ -247,7 +247,7 @@ def test_slurm_two_nodes_fsdp2_replicates_across_nodes(tmp_path):
     assert all(p["strategy"] == "ModelParallelStrategy" and len(p["steps"]) == 2 for p in ranks)
     assert all(p["mesh_dims"] == ["replicate", "shard"] and p["mesh"] == [2, 1] for p in ranks)  # HSDP
     assert ranks[0]["steps"][0]["images"] != ranks[1]["steps"][0]["images"]
-    assert (tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").is_dir()
+    assert (tmp_path / "runs" / "quickstart" / "job4242" / "checkpoints" / "last.ckpt").is_dir()  # the job's folder
 
 
 # -- what loading a checkpoint folder may run: nothing -------------------------------------------------------------
