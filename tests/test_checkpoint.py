@@ -177,7 +177,7 @@ def test_metadata_written_before_swinconfig_still_loads(tmp_path):
     from safetensors import safe_open
     with safe_open(str(new), framework="pt") as f:
         assert json.loads(f.metadata()["swinlab_config"]) == {**json.loads(OLD_METADATA), "fused_attn": True,
-                                                              "grad_checkpointing": False}
+                                                              "grad_checkpointing": False, "global_pool": "avg"}
 
 
 def test_metadata_that_is_not_a_model_config_is_one_line(tmp_path):

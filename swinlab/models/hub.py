@@ -234,7 +234,8 @@ def check_preprocessing(saved: Any, where: str) -> Dict[str, Any]:
     except (TypeError, ValueError):
         bad = ["a value"]
     if bad:
-        raise CheckpointError(f"{where} has a malformed pretrained_cfg ({bad[0]} of {saved}): re-export the file")
+        raise CheckpointError(f"{where} has a malformed pretrained_cfg ({bad[0]} of {str(saved)[:120]}): "
+                              f"re-export the file")
     return pp
 
 

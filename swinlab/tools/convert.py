@@ -23,6 +23,7 @@ checkpoint never.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, SwinlabError
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason
 from ..models import PRESETS, SwinTransformer, create_model, get_variant, save_safetensors
 from ..models.hub import preprocessing_of
 
@@ -79,6 +80,7 @@ def main(argv: List[str]) -> int:
     pws = None if pws is None else (pws[0] if len(pws) == 1 else pws)
     model = create_model(args.model, checkpoint=args.checkpoint, img_size=img, window_size=args.window_size,
                          pretrained_window_size=pws, num_classes=args.num_classes).eval()
+    _check_space(model, out)
     cfg = model.config
     preprocessing = preprocessing_of(model.pretrained_cfg)
     info: Dict[str, Any] = dict(out=str(out), format=args.format, model=args.model, img_size=cfg.img_size,
@@ -87,13 +89,14 @@ def main(argv: List[str]) -> int:
                                 num_classes=cfg.num_classes, pretrained_cfg=preprocessing,
                                 pretrained_cfg_from=str(args.checkpoint) if model.preprocessing else "defaults")
     if args.format == "safetensors":
-        save_safetensors(model, out, args.model)
+        _write_atomically(out, lambda path: save_safetensors(model, path, args.model), lambda path: None,
+                          args.overwrite)
     elif args.format == "timm":
-        info.update(_write_timm(model, variant.name, out, preprocessing))
+        info.update(_write_timm(model, variant.name, out, preprocessing, args.overwrite))
     elif args.format == "torch_export":
-        info.update(_write_torch_export(model, out, preprocessing))
+        info.update(_write_torch_export(model, out, preprocessing, args.overwrite))
     else:
-        info.update(_write_onnx(model, out, preprocessing))
+        info.update(_write_onnx(model, out, preprocessing, args.overwrite))
     print(json.dumps(info))
     return 0
 
@@ -112,9 +115,49 @@ def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a folder: give a file path")
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
+    try:  # before anything is loaded: a folder that cannot be made or written to is named now, not after the work
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=str(out.parent)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be written: {unwritable_reason(out.parent, exc)}: choose another "
+                          f"path") from None
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[[Path], Any]) -> Any:
+def _check_space(model: torch.nn.Module, out: Path) -> None:
+    """Refuse before writing when ``out``'s filesystem has less free space than the weights need (plus 10% and 1 MiB
+    for the format's own data): torch's zip writer, which torch.export uses, aborts the whole process when the disk
+    fills under it."""
+    need = int(sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 1.1) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise CheckpointError(f"could not write {out}: {out.parent} has {free / 2**20:.1f} MiB free and the file needs "
+                              f"about {need / 2**20:.1f} MiB: free disk space or choose another path")
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``: with ``overwrite`` by ``os.replace``; without, by ``os.link`` (fails if
+    ``out`` exists: a file another convert wrote meanwhile is never replaced), falling back to a checked rename
+    where the filesystem has no hard links."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ConfigError(f"--out {out} appeared while converting (another process wrote it): it was kept; pass "
+                          f"--overwrite to replace it, or choose another path") from None
+    except OSError:  # no hard links here
+        if out.exists():
+            raise ConfigError(f"--out {out} appeared while converting: it was kept; pass --overwrite to replace it, "
+                              f"or choose another path") from None
+        os.replace(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[[Path], Any],
+                      overwrite: bool = True) -> Any:
     """``write(path)`` into a fresh temporary folder beside ``out``, ``check(path)`` there, then rename every file
     it holds into ``out``'s folder (the main file last, so it appears only complete). Returns ``check``'s result;
     on any failure nothing is left behind and an existing ``out`` is untouched."""
@@ -124,9 +167,17 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
         tmp = tmpdir / out.name
         try:
             write(tmp)
-        except OSError as exc:
-            raise CheckpointError(f"could not write {out} ({exc.strerror or exc}): any previous file is intact; free "
-                                  f"disk space or choose another path") from None
+        except (OSError, RuntimeError, CheckpointError) as exc:  # torch's zip writer: RuntimeError on a full disk
+            if isinstance(exc, OSError):
+                reason = unwritable_reason(out, exc)
+            elif shutil.disk_usage(out.parent).free < (1 << 20):
+                reason = os.strerror(errno.ENOSPC)
+            elif isinstance(exc, CheckpointError):
+                reason = first_line(exc, 160).replace(str(tmp), str(out))
+            else:
+                raise
+            raise CheckpointError(f"could not write {out} ({reason}): any previous file is intact; free disk space or "
+                                  f"choose another path") from None
         result = check(tmp)
         mask = os.umask(0)
         os.umask(mask)
@@ -134,7 +185,7 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
             os.chmod(done, 0o666 & ~mask)
         for extra in sorted(p for p in tmpdir.iterdir() if p.name != out.name):  # e.g. ONNX external data
             os.replace(extra, out.parent / extra.name)
-        os.replace(tmp, out)
+        publish(tmp, out, overwrite)
         return result
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -202,7 +253,8 @@ def build_timm_twin(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _write_timm(model: SwinTransformer, variant_name: str, out: Path, preprocessing: Dict[str, Any]) -> Dict[str, Any]:
+def _write_timm(model: SwinTransformer, variant_name: str, out: Path, preprocessing: Dict[str, Any],
+                overwrite: bool = True) -> Dict[str, Any]:
     name, kwargs = timm_twin_spec(model, variant_name)
     twin = build_timm_twin(name, kwargs).eval()
     expected = twin.state_dict()
@@ -244,7 +296,7 @@ def _write_timm(model: SwinTransformer, variant_name: str, out: Path, preprocess
                                   f"{err:.3g} (max |logit difference|): nothing written; report this as a bug")
         return err
 
-    err = _write_atomically(out, write, check)
+    err = _write_atomically(out, write, check, overwrite)
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()}
     if name.startswith("timm.models."):
         load = (f"model = {name}(**timm_kwargs); model.load_state_dict(<\"state_dict\" of {out.name}>); "
@@ -299,7 +351,8 @@ def _check_outputs(model: SwinTransformer, run: Callable[[torch.Tensor], torch.T
     return err
 
 
-def _write_torch_export(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any]) -> Dict[str, Any]:
+def _write_torch_export(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any],
+                        overwrite: bool = True) -> Dict[str, Any]:
     program, dynamic = _export_program(model)
     extra = {EXPORT_CFG_FILE: json.dumps(preprocessing)}
 
@@ -311,7 +364,8 @@ def _write_torch_export(model: SwinTransformer, out: Path, preprocessing: Dict[s
                                   f"written; report this as a bug")
         return _check_outputs(model, lambda x: loaded(x), dynamic, EXPORT_TOL, f"the reloaded program {out.name}")
 
-    err = _write_atomically(out, lambda path: torch.export.save(program, str(path), extra_files=extra), check)
+    err = _write_atomically(out, lambda path: torch.export.save(program, str(path), extra_files=extra), check,
+                            overwrite)
     return dict(_static_note(model, dynamic), max_abs_diff=err,
                 load=f"torch.export.load({str(out)!r}).module()(images); preprocessing: "
                      f"torch.export.load(..., extra_files={{{EXPORT_CFG_FILE!r}: ''}})")
@@ -329,7 +383,8 @@ def _require_onnx() -> None:
         raise ConfigError(f"--format onnx needs {', '.join(missing)} (not installed): pip install -e \".[onnx]\"")
 
 
-def _write_onnx(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any]) -> Dict[str, Any]:
+def _write_onnx(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any],
+                overwrite: bool = True) -> Dict[str, Any]:
     import warnings
 
     import onnxruntime as ort
@@ -362,7 +417,7 @@ def _write_onnx(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any]
                               ONNX_TOL, f"onnxruntime on {out.name}")
 
     try:
-        err = _write_atomically(out, write, check)
+        err = _write_atomically(out, write, check, overwrite)
     except SwinlabError:
         raise
     except Exception as exc:  # the exporter's own errors are long; one line says which step failed
