@@ -60,7 +60,9 @@ def planned_outputs(study: Study, out: Path) -> List[Path]:
 
 
 def record(study: Study, out: Path) -> Dict[str, Any]:
-    return {"study": study.name, "units": {u.name: unit_spec(study, u, out) for u in units_of(study)}}
+    """What ``out`` holds: the study's name and each unit's spec (paths absolute: ``--out o`` and ``--out $PWD/o``
+    are the same folder)."""
+    return {"study": study.name, "units": {u.name: unit_spec(study, u, out.resolve()) for u in units_of(study)}}
 
 
 def continues(study: Study, out: Path) -> bool:
