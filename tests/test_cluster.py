@@ -71,7 +71,7 @@ class Job:
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.folder.glob("slurm-*.out")))
 
-    def wait(self, timeout=240, until=None):
+    def wait(self, timeout=600, until=None):
         try:
             return self.cluster.wait(self.id, timeout, until)
         except TimeoutError as exc:
@@ -97,7 +97,7 @@ def jobs(slurm_cluster, tmp_path_factory):
     for key in ("ddp-2x1", "fsdp2-2x1"):  # the stopped jobs first: they hold their nodes until signalled
         out[f"{key}-stopped"] = Job(slurm_cluster, tmp / f"{key}-stopped", *commands[key], [
             "--trainer.callbacks+=launch_helpers.WaitForSignal", f"--trainer.callbacks.step={WAIT_STEP}",
-            f"--trainer.callbacks.flag={tmp / key}-waiting"])
+            f"--trainer.callbacks.flag={tmp / key}-waiting", "--trainer.callbacks.timeout=900"])
     for key, (env, cmd) in commands.items():
         out[key] = Job(slurm_cluster, tmp / key, env, cmd)
     out["ddp-2x1-failing"] = Job(slurm_cluster, tmp / "failing", *commands["ddp-2x1"], [
@@ -131,7 +131,7 @@ def test_the_cpu_and_gpu_scripts_differ_only_in_the_documented_values():
 def test_a_stopped_job_saves_is_requeued_and_resumes_bit_identical(jobs, slurm_cluster, key, how):
     job, ref = jobs[f"{key}-stopped"], jobs[key]
     flags = [Path(f"{job.folder.parent / key}-waiting.{r}") for r in range(job.nodes * job.per_node)]
-    end = time.monotonic() + 240
+    end = time.monotonic() + 600
     while not all(f.exists() for f in flags):
         assert time.monotonic() < end and job.wait(1, until=lambda s: True)["JobState"] in ("PENDING", "RUNNING"), \
             job.logs()
