@@ -10,6 +10,7 @@ Commands:
   estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.tools.estimate)
   ablate                            resolution-transfer ablation studies (swinlab.tools.ablate)
   signal                            signal propagation across depths, SwinV2 Figure 2 (swinlab.tools.signal_study)
+  data optimize | bench             image folder -> LitData shards; the data path's images/s (swinlab.tools.data)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import SwinlabError
+from .errors import SwinlabError, write_failure
 
 # command -> module whose main(argv) runs it
 COMMANDS = {
@@ -28,6 +29,7 @@ COMMANDS = {
     "estimate": "swinlab.tools.estimate",
     "ablate": "swinlab.tools.ablate",
     "signal": "swinlab.tools.signal_study",
+    "data": "swinlab.tools.data",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -65,6 +67,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SwinlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a place that cannot be written (full disk, read-only ...) that no command named itself
+        line = next(filter(None, map(write_failure, _chain(exc))), None)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def _chain(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def run() -> None:

@@ -92,7 +92,8 @@ def pytest_configure(config):
 
 # Files that hold the long multi-process runs go first: under ``pytest -n 2 --dist loadfile`` (the README's command)
 # each file runs whole on one worker, and a long file started last would leave the other worker idle at the end.
-FIRST = ("test_launch.py", "test_distributed.py", "test_reliability.py", "test_simmim.py", "test_docs_commands.py")
+FIRST = ("test_cluster.py", "test_launch.py", "test_distributed.py", "test_reliability.py", "test_simmim.py",
+         "test_docs_commands.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,12 +2,19 @@
 another image/window size, written as what people deploy:
 
 - ``safetensors`` (default): swinlab's file, weights plus the model's config as metadata;
-- ``timm``: a state dict with exactly the keys timm's own model has (safetensors, or ``.pth``), checked by loading it
-  strictly into timm's twin and comparing logits;
+- ``timm``: a state dict with exactly the keys timm's own model has (safetensors, or ``.pth`` as
+  ``{"state_dict": ..., "pretrained_cfg": ...}``), checked by loading it strictly into timm's twin and comparing
+  logits;
 - ``torch_export``: a ``torch.export`` program (``.pt2``) with a dynamic batch dimension, reloaded and checked against
   the eager model;
 - ``onnx``: an ONNX model (dynamo exporter) with a dynamic batch dimension, checked with onnxruntime (the ``onnx``
   extra).
+
+Every file records the preprocessing the weights expect (``pretrained_cfg``: mean, std, input_size, interpolation,
+crop_pct; the checkpoint's record, else timm's config of the architecture or swinlab's defaults, as the printed JSON's
+``pretrained_cfg_from`` says): safetensors metadata ``pretrained_cfg`` (JSON), the ``.pth``'s ``pretrained_cfg``
+entry beside its ``state_dict`` (the entry timm's loaders take), the ``torch.export`` archive's extra file
+``pretrained_cfg.json``, the ONNX model's metadata property ``pretrained_cfg``; the printed ``timm_load`` line sets it.
 
 Every file is written into a temporary folder next to ``--out``, checked there and only then renamed into place: a
 failed check leaves nothing behind, an existing file is replaced only with ``--overwrite``, and the input
@@ -16,6 +23,7 @@ checkpoint never.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -25,8 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, SwinlabError
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason
 from ..models import PRESETS, SwinTransformer, create_model, get_variant, save_safetensors
+from ..models.hub import preprocessing_of
 
 FORMATS = ("safetensors", "timm", "torch_export", "onnx")
 EXPORT_TOL = 1e-5  # torch.export program vs eager (fp32), times max(1, largest |logit|)
@@ -35,6 +44,7 @@ TIMM_TOL = 1e-4  # timm's twin vs swinlab on the same weights, relative to the l
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # ONNX protobufs stop at 2 GiB: larger weights go to <out>.data
 TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+EXPORT_CFG_FILE = "pretrained_cfg.json"  # the torch.export archive's extra file holding the preprocessing
 
 
 def main(argv: List[str]) -> int:
@@ -70,19 +80,23 @@ def main(argv: List[str]) -> int:
     pws = None if pws is None else (pws[0] if len(pws) == 1 else pws)
     model = create_model(args.model, checkpoint=args.checkpoint, img_size=img, window_size=args.window_size,
                          pretrained_window_size=pws, num_classes=args.num_classes).eval()
+    _check_space(model, out)
     cfg = model.config
+    preprocessing = preprocessing_of(model.pretrained_cfg)
     info: Dict[str, Any] = dict(out=str(out), format=args.format, model=args.model, img_size=cfg.img_size,
                                 window_size=[w[0] for w in cfg.window_size],
                                 pretrained_window_size=[w[0] for w in cfg.pretrained_window_size],
-                                num_classes=cfg.num_classes)
+                                num_classes=cfg.num_classes, pretrained_cfg=preprocessing,
+                                pretrained_cfg_from=str(args.checkpoint) if model.preprocessing else "defaults")
     if args.format == "safetensors":
-        save_safetensors(model, out, args.model)
+        _write_atomically(out, lambda path: save_safetensors(model, path, args.model), lambda path: None,
+                          args.overwrite)
     elif args.format == "timm":
-        info.update(_write_timm(model, variant.name, out))
+        info.update(_write_timm(model, variant.name, out, preprocessing, args.overwrite))
     elif args.format == "torch_export":
-        info.update(_write_torch_export(model, out))
+        info.update(_write_torch_export(model, out, preprocessing, args.overwrite))
     else:
-        info.update(_write_onnx(model, out))
+        info.update(_write_onnx(model, out, preprocessing, args.overwrite))
     print(json.dumps(info))
     return 0
 
@@ -101,9 +115,49 @@ def _check_out(out: Path, checkpoint: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a folder: give a file path")
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
+    try:  # before anything is loaded: a folder that cannot be made or written to is named now, not after the work
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=str(out.parent)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be written: {unwritable_reason(out.parent, exc)}: choose another "
+                          f"path") from None
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[[Path], Any]) -> Any:
+def _check_space(model: torch.nn.Module, out: Path) -> None:
+    """Refuse before writing when ``out``'s filesystem has less free space than the weights need (plus 10% and 1 MiB
+    for the format's own data): torch's zip writer, which torch.export uses, aborts the whole process when the disk
+    fills under it."""
+    need = int(sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 1.1) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise CheckpointError(f"could not write {out}: {out.parent} has {free / 2**20:.1f} MiB free and the file needs "
+                              f"about {need / 2**20:.1f} MiB: free disk space or choose another path")
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``: with ``overwrite`` by ``os.replace``; without, by ``os.link`` (fails if
+    ``out`` exists: a file another convert wrote meanwhile is never replaced), falling back to a checked rename
+    where the filesystem has no hard links."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ConfigError(f"--out {out} appeared while converting (another process wrote it): it was kept; pass "
+                          f"--overwrite to replace it, or choose another path") from None
+    except OSError:  # no hard links here
+        if out.exists():
+            raise ConfigError(f"--out {out} appeared while converting: it was kept; pass --overwrite to replace it, "
+                              f"or choose another path") from None
+        os.replace(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[[Path], Any],
+                      overwrite: bool = True) -> Any:
     """``write(path)`` into a fresh temporary folder beside ``out``, ``check(path)`` there, then rename every file
     it holds into ``out``'s folder (the main file last, so it appears only complete). Returns ``check``'s result;
     on any failure nothing is left behind and an existing ``out`` is untouched."""
@@ -113,9 +167,17 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
         tmp = tmpdir / out.name
         try:
             write(tmp)
-        except OSError as exc:
-            raise CheckpointError(f"could not write {out} ({exc.strerror or exc}): any previous file is intact; free "
-                                  f"disk space or choose another path") from None
+        except (OSError, RuntimeError, CheckpointError) as exc:  # torch's zip writer: RuntimeError on a full disk
+            if isinstance(exc, OSError):
+                reason = unwritable_reason(out, exc)
+            elif shutil.disk_usage(out.parent).free < (1 << 20):
+                reason = os.strerror(errno.ENOSPC)
+            elif isinstance(exc, CheckpointError):
+                reason = first_line(exc, 160).replace(str(tmp), str(out))
+            else:
+                raise
+            raise CheckpointError(f"could not write {out} ({reason}): any previous file is intact; free disk space or "
+                                  f"choose another path") from None
         result = check(tmp)
         mask = os.umask(0)
         os.umask(mask)
@@ -123,7 +185,7 @@ def _write_atomically(out: Path, write: Callable[[Path], None], check: Callable[
             os.chmod(done, 0o666 & ~mask)
         for extra in sorted(p for p in tmpdir.iterdir() if p.name != out.name):  # e.g. ONNX external data
             os.replace(extra, out.parent / extra.name)
-        os.replace(tmp, out)
+        publish(tmp, out, overwrite)
         return result
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -191,7 +253,8 @@ def build_timm_twin(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _write_timm(model: SwinTransformer, variant_name: str, out: Path) -> Dict[str, Any]:
+def _write_timm(model: SwinTransformer, variant_name: str, out: Path, preprocessing: Dict[str, Any],
+                overwrite: bool = True) -> Dict[str, Any]:
     name, kwargs = timm_twin_spec(model, variant_name)
     twin = build_timm_twin(name, kwargs).eval()
     expected = twin.state_dict()
@@ -200,21 +263,29 @@ def _write_timm(model: SwinTransformer, variant_name: str, out: Path) -> Dict[st
     if missing:
         raise ConfigError(f"timm's {name} expects {len(missing)} tensors swinlab's model lacks (first: "
                           f"{missing[0]}): use --format safetensors")
-    meta = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs)}
+    meta = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs),
+            "pretrained_cfg": json.dumps(preprocessing)}
 
     def write(path: Path) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
             save_file(state, str(path), metadata=meta)
-        else:
-            torch.save(state, str(path))
+        else:  # timm's loaders (pretrained_cfg_overlay=dict(file=...), load_checkpoint) take the "state_dict" entry
+            torch.save({"state_dict": state, "pretrained_cfg": preprocessing}, str(path))
 
     def check(path: Path) -> float:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
             loaded = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                recorded = json.loads((f.metadata() or {}).get("pretrained_cfg", "null"))
         else:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded, recorded = saved["state_dict"], saved.get("pretrained_cfg")
+        if recorded != preprocessing:
+            raise CheckpointError(f"{out.name} reads back pretrained_cfg {recorded}, not {preprocessing}: nothing "
+                                  f"written; report this as a bug")
         twin.load_state_dict(loaded, strict=True)
         (x,) = _fresh_inputs(model, (1,), seed=0)
         with torch.no_grad():
@@ -225,11 +296,13 @@ def _write_timm(model: SwinTransformer, variant_name: str, out: Path) -> Dict[st
                                   f"{err:.3g} (max |logit difference|): nothing written; report this as a bug")
         return err
 
-    err = _write_atomically(out, write, check)
+    err = _write_atomically(out, write, check, overwrite)
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()}
     if name.startswith("timm.models."):
-        load = f"{name}(**timm_kwargs).load_state_dict(<state dict of {out.name}>)"
+        load = (f"model = {name}(**timm_kwargs); model.load_state_dict(<\"state_dict\" of {out.name}>); "
+                f"model.pretrained_cfg = {cfg!r}")
     else:
-        overlay = dict(file=str(out), num_classes=model.config.num_classes)
+        overlay = dict(file=str(out), num_classes=model.config.num_classes, **cfg)
         args = ", ".join([repr(name), "pretrained=True"] + [f"{k}={v!r}" for k, v in kwargs.items()]
                          + [f"pretrained_cfg_overlay={overlay!r}"])
         load = f"timm.create_model({args})"
@@ -278,16 +351,24 @@ def _check_outputs(model: SwinTransformer, run: Callable[[torch.Tensor], torch.T
     return err
 
 
-def _write_torch_export(model: SwinTransformer, out: Path) -> Dict[str, Any]:
+def _write_torch_export(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any],
+                        overwrite: bool = True) -> Dict[str, Any]:
     program, dynamic = _export_program(model)
+    extra = {EXPORT_CFG_FILE: json.dumps(preprocessing)}
 
     def check(path: Path) -> float:
-        loaded = torch.export.load(str(path)).module()
+        files = {EXPORT_CFG_FILE: ""}
+        loaded = torch.export.load(str(path), extra_files=files).module()
+        if json.loads(files[EXPORT_CFG_FILE] or "null") != preprocessing:
+            raise CheckpointError(f"{out.name} reads back {EXPORT_CFG_FILE} {files[EXPORT_CFG_FILE]!r}: nothing "
+                                  f"written; report this as a bug")
         return _check_outputs(model, lambda x: loaded(x), dynamic, EXPORT_TOL, f"the reloaded program {out.name}")
 
-    err = _write_atomically(out, lambda path: torch.export.save(program, str(path)), check)
+    err = _write_atomically(out, lambda path: torch.export.save(program, str(path), extra_files=extra), check,
+                            overwrite)
     return dict(_static_note(model, dynamic), max_abs_diff=err,
-                load=f"torch.export.load({str(out)!r}).module()(images)")
+                load=f"torch.export.load({str(out)!r}).module()(images); preprocessing: "
+                     f"torch.export.load(..., extra_files={{{EXPORT_CFG_FILE!r}: ''}})")
 
 
 # -- ONNX -------------------------------------------------------------------------------------------------------------
@@ -302,7 +383,8 @@ def _require_onnx() -> None:
         raise ConfigError(f"--format onnx needs {', '.join(missing)} (not installed): pip install -e \".[onnx]\"")
 
 
-def _write_onnx(model: SwinTransformer, out: Path) -> Dict[str, Any]:
+def _write_onnx(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any],
+                overwrite: bool = True) -> Dict[str, Any]:
     import warnings
 
     import onnxruntime as ort
@@ -316,10 +398,15 @@ def _write_onnx(model: SwinTransformer, out: Path) -> Dict[str, Any]:
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, input_names=["images"], output_names=["logits"],
                                              dynamo=True, external_data=external, verbose=False)
+            onnx_program.model.metadata_props["pretrained_cfg"] = json.dumps(preprocessing)
             onnx_program.save(str(path), external_data=external)
         import onnx
-        opset[0] = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                         if o.domain in ("", "ai.onnx")), None)
+        proto = onnx.load(str(path), load_external_data=False)
+        opset[0] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        recorded = {p.key: p.value for p in proto.metadata_props}.get("pretrained_cfg")
+        if json.loads(recorded or "null") != preprocessing:
+            raise CheckpointError(f"{out.name} reads back pretrained_cfg {recorded!r}: nothing written; report this "
+                                  f"as a bug")
 
     def check(path: Path) -> float:
         options = ort.SessionOptions()
@@ -330,7 +417,7 @@ def _write_onnx(model: SwinTransformer, out: Path) -> Dict[str, Any]:
                               ONNX_TOL, f"onnxruntime on {out.name}")
 
     try:
-        err = _write_atomically(out, write, check)
+        err = _write_atomically(out, write, check, overwrite)
     except SwinlabError:
         raise
     except Exception as exc:  # the exporter's own errors are long; one line says which step failed

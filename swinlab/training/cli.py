@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -35,7 +35,7 @@ from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ..errors import CheckpointError, ConfigError, SwinlabError, first_line
+from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason, write_failure
 from .callbacks import AttentionImages, ExportBest, PredictionWriter, ResumeState, Throughput, TrainingMonitor
 from .nonfinite import NonFiniteGuard
 from .preemption import Preemption, Stopped, forget_signals, slurm_restarted, slurm_run_name, stopped_by
@@ -186,33 +186,6 @@ class RunFolder:
                 Path(full).write_bytes(self.before[rel])
 
 
-def _blocker(path: Path) -> Path:
-    """The nearest existing path at or above ``path`` (what decides whether it can be created)."""
-    for candidate in (path, *path.parents):
-        if os.path.lexists(candidate):
-            return candidate
-    return Path(".")
-
-
-def unwritable_reason(path: Union[str, Path], exc: Optional[OSError] = None) -> str:
-    """Why ``path`` cannot be created or written, in words: an existing part of it that is a file, a folder that is
-    not writable or on a read-only filesystem, or the error's own reason."""
-    import errno
-
-    path = Path(path)
-    block = _blocker(path)
-    if block != path and not block.is_dir():
-        return f"{block} is a file, not a folder"
-    code = getattr(exc, "errno", None)
-    if code == errno.EROFS:
-        return f"{block} is on a read-only filesystem"
-    if code in (errno.EACCES, errno.EPERM) or (exc is None and not os.access(block, os.W_OK)):
-        return f"{block} is not writable (permission denied)"
-    if code == errno.ENOSPC:
-        return "no space left on the device"
-    return (getattr(exc, "strerror", None) or str(exc)) if exc is not None else "it cannot be written"
-
-
 def _unwritable(path: Path, exc: OSError, key: str) -> str:
     return f"cannot create {path}: {unwritable_reason(path, exc)}: set {key} to a folder this run can write to"
 
@@ -281,9 +254,40 @@ def _add_seed_argument(parser: LightningArgumentParser) -> None:
                              "Set to True to use a random seed.")
 
 
+# Trainer arguments whose annotation makes a command-line value mean something else than Lightning reads it as:
+# ``limit_*_batches: Union[float, int, None]`` turns ``1`` (one batch) into ``1.0`` (all of them), in a YAML file and
+# on the command line alike; ``devices: Union[list[int], str, int]`` keeps ``--trainer.devices 2`` a string, which the
+# pre-flight checks (a mesh that cannot fit) would not count. The same arguments with the int tried first (Annotated:
+# ``Union[int, float]`` equals ``Union[float, int]``, and typing's cache would hand back Lightning's order).
+_COUNT_OR_FRACTION = Optional[Union[Annotated[int, "batches"], float]]
+RETYPED_TRAINER_ARGS: Dict[str, Any] = {
+    **{f"limit_{split}_batches": _COUNT_OR_FRACTION for split in ("train", "val", "test", "predict")},
+    "overfit_batches": Union[Annotated[int, "batches"], float],
+    "devices": Union[Annotated[int, "devices"], List[int], str],
+}
+_RETYPED_HELP = {
+    "devices": "Number of devices (an int), a list of device indices, or 'auto' (default), per node.",
+    "overfit_batches": "Overfit a fraction of the training data (float) or a number of batches (int). Default: 0.0.",
+}
+
+
+def _add_trainer_arguments(parser: LightningArgumentParser) -> None:
+    """The trainer section: Lightning's Trainer arguments as ``add_lightning_class_args`` adds them, except those in
+    :data:`RETYPED_TRAINER_ARGS`, added with their int reading first (``1`` is one batch, ``1.0`` all of them)."""
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
+                               skip=set(RETYPED_TRAINER_ARGS))
+    params = inspect.signature(Trainer.__init__).parameters
+    for name, hint in RETYPED_TRAINER_ARGS.items():
+        split = name[len("limit_"):-len("_batches")] if name.startswith("limit_") else None
+        text = _RETYPED_HELP.get(name) or (f"How much of the {split} data to use per epoch: an int is that many "
+                                           f"batches (1 = one batch), a float that fraction (1.0 = all). Per device. "
+                                           f"Default: 1.0.")
+        parser.add_argument(f"--trainer.{name}", type=hint, default=params[name].default, help=text)
+
+
 def _add_core_arguments(parser: LightningArgumentParser) -> None:
     """trainer (with TRAINER_DEFAULTS), model and data: any LightningModule / LightningDataModule by class_path."""
-    parser.add_lightning_class_args(Trainer, "trainer")
+    _add_trainer_arguments(parser)
     parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items() if k != "callbacks"})
     parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
@@ -308,9 +312,15 @@ def _add_swinlab_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(Preemption, "preemption")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads for CPU runs (default: leave torch's choice)")
-    parser.add_argument("--allow_random_weights", type=bool, default=False,
-                        help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
-                             "model.init_args.checkpoint gives weights (refused otherwise)")
+    add_flag(parser, "--allow_random_weights",
+             help="predict: run with the model's initial (untrained) weights when neither --ckpt_path nor "
+                  "model.init_args.checkpoint gives weights (refused otherwise)")
+
+
+def add_flag(parser, name: str, default: bool = False, help: str = "") -> None:
+    """A boolean option that takes the bare form (``--name``: true) as well as ``--name true|false`` and ``name:
+    true`` in a config file: what a message may suggest is what the parser accepts."""
+    parser.add_argument(name, type=bool, nargs="?", const=True, default=default, help=help)
 
 
 def build_parser(subcommand: str = "fit", **parser_kwargs: Any) -> LightningArgumentParser:
@@ -415,6 +425,12 @@ class SwinlabCLI(LightningCLI):
                 if self.config_saver is not None and self.config_saver.written is not None:
                     with contextlib.suppress(OSError):  # no log folder: the config went to default_root_dir
                         self.config_saver.written.unlink(missing_ok=True)
+            failed = next((e for e in _exception_chain(exc) if write_failure(e)), None)
+            if failed is not None and _swinlab_cause(exc) is None:
+                where = failed.filename or self._run_dir()
+                raise SwinlabError(f"could not write {where} ({unwritable_reason(where, failed)}): files written "
+                                   f"before are intact; free disk space or choose a folder this run can write to "
+                                   f"(trainer.logger.init_args.save_dir)") from None
             msg = str(exc)
             folder = self.ckpt_path_in_use is not None and "://" not in str(self.ckpt_path_in_use) \
                 and Path(str(self.ckpt_path_in_use)).is_dir()
@@ -436,6 +452,17 @@ class SwinlabCLI(LightningCLI):
                 os.environ.pop(RUN_VERSION_ENV, None)
             else:
                 os.environ[RUN_VERSION_ENV] = saved_env
+
+    def _undo_run_folder(self) -> None:
+        if not self.first_batch.seen and self.run_folder is not None:
+            self.run_folder.rollback()
+
+    def _run_dir(self) -> str:
+        """The folder this run writes into (its log folder), for a failed write that names no file."""
+        if self.run_folder is not None:
+            return str(self.run_folder.path)
+        trainer = getattr(self, "trainer", None)
+        return str(getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or os.getcwd())
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         return _new_parser(**kwargs)
@@ -489,9 +516,14 @@ class SwinlabCLI(LightningCLI):
             raise CheckpointError(f"--ckpt_path {ckpt_path} holds weights only, not a Lightning checkpoint saved "
                                   f"by fit (no state_dict, no training state): give these weights as "
                                   f"--model.init_args.checkpoint {ckpt_path}")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams = ckpt.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"--ckpt_path {ckpt_path} has hyper-parameters that are a "
+                                  f"{type(hparams).__name__}, not a mapping: the file is damaged or not a Lightning "
+                                  f"checkpoint")
+        hparams = dict(hparams)
         hparams.pop("_instantiator", None)
-        return hparams
+        return checked_hparams(hparams, ckpt_path)
 
     def _check_ckpt_model(self, ckpt_path: str, hparams: dict) -> None:
         """Lightning replaces the configured model (class and arguments) with the checkpoint's; another task (a SimMIM
@@ -499,6 +531,11 @@ class SwinlabCLI(LightningCLI):
         dropped, so it is named instead."""
         model = self.config[self.config.subcommand].get("model")
         mine, theirs = getattr(model, "class_path", None), hparams.get("_class_path")
+        if theirs and theirs not in TASK_CLASS_PATHS and theirs != mine:  # importing it would run its module
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path} names the task class {theirs[:100]}, which is not one of swinlab's: resume "
+                f"with a config whose model.class_path is that class if you trust it, or start from its weights "
+                f"with model.init_args.checkpoint {ckpt_path}")
         if mine and theirs and mine != theirs:
             short = theirs.rsplit(".", 1)[-1]
             raise CheckpointError(
@@ -527,6 +564,9 @@ class SwinlabCLI(LightningCLI):
             from .preflight import check_config, check_machine
             check_config(cfg)  # bad trainer values, impossible strategy/precision combinations: one line, nothing built
             check_machine(cfg)  # an accelerator or device count this machine does not have
+            from .launch import check_launch, rendezvous_timeout
+            check_launch(cfg)  # launcher variables against the trainer's settings, master address and port
+            rendezvous_timeout()  # a bad SWINLAB_RENDEZVOUS_TIMEOUT is named before anything is built
         if self.subcommand == "predict":
             self._check_predict_weights(cfg)
         self._classes_from_data(cfg)
@@ -730,9 +770,19 @@ class SwinlabCLI(LightningCLI):
             raise ConfigError(f"the trainer settings were refused: {_one_line(exc)} (see `python -m swinlab "
                               f"{self.subcommand} --help`)") from None
         attach_safe_checkpoint_io(trainer)
+        from .checkpoint_io import guard_checkpoint_callback, guard_strategy_loads
+        guard_strategy_loads(trainer.strategy)  # paths Lightning resolves itself (hpc, registry) get the same check
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                guard_checkpoint_callback(callback)  # paths its saved state names: inside its folder only
         if trainer.logger is None:  # --trainer.logger false: Lightning's LR monitor refuses to run without one
             trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
         trainer.callbacks.append(self.first_batch)
+        if trainer.world_size > 1:  # the ranks meet in fit/validate/...: bounded, with one line if they do not
+            from .launch import RendezvousWatchdog
+            watchdog = RendezvousWatchdog(on_timeout=self._undo_run_folder)
+            trainer.callbacks.append(watchdog)
+            watchdog.start()
         for callback in trainer.callbacks:
             if isinstance(callback, SaveRunConfig):
                 callback.unset = list(self.saved_config_unset)
@@ -780,6 +830,69 @@ class SwinlabCLI(LightningCLI):
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)
         return True
+
+
+#: the task classes a checkpoint may name without the config naming them too
+TASK_CLASS_PATHS = ("swinlab.tasks.ImageClassifier", "swinlab.tasks.MaskedImageModeling",
+                    "swinlab.tasks.classifier.ImageClassifier", "swinlab.tasks.simmim.MaskedImageModeling")
+#: model_kwargs that are not SwinConfig fields but create_model's own (what the model returns; not where from)
+CREATE_MODEL_KWARGS = ("features_only", "out_indices", "feature_fmt")
+
+
+def checked_hparams(hparams: dict, ckpt_path: Any) -> dict:
+    """A checkpoint's hyper-parameters are data: checked before the configured model is replaced by them.
+
+    The task class must be one of swinlab's (``TASK_CLASS_PATHS``; another is taken only when the config names the
+    same one, :meth:`SwinlabCLI._check_ckpt_model`); the model name a registry name (an ``hf-hub:`` name would
+    download from the network); the model settings within the family's bounds and the memory this machine has
+    (:func:`~swinlab.models.limits.check_saved_config`); and weights the file points to elsewhere (``checkpoint``,
+    ``model_kwargs.pretrained``) are never fetched: resuming loads the checkpoint's own weights. One line per
+    refusal, naming the file and the setting."""
+    from ..models.config import SwinConfig
+    from ..models.limits import LIMITS, check_saved_config, saved_fields
+    from ..models.registry import get_variant
+
+    where = f"--ckpt_path {ckpt_path}"
+    theirs = hparams.get("_class_path")
+    if theirs is not None and not isinstance(theirs, str):
+        raise CheckpointError(f"{where} names a task class that is not a class path ({type(theirs).__name__}): the "
+                              f"file is damaged or not made by swinlab")
+    if hparams.get("checkpoint") is not None:
+        hparams["checkpoint"] = None  # a path from the file: never opened (the file's own state dict is loaded)
+    name = hparams.get("model_name")
+    if name is None:
+        return hparams
+    if not isinstance(name, str) or name.startswith("hf-hub:") or "://" in name:
+        raise CheckpointError(f"{where} names the model {str(name)[:80]!r}, not a registry name: the file is "
+                              f"damaged or not made by swinlab (`python -m swinlab models` lists the names)")
+    try:
+        variant = get_variant(name.split(".")[0])
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {first_line(exc)}") from None
+    kwargs = hparams.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where} has model_kwargs that are a {type(kwargs).__name__}, not a mapping: the file "
+                              f"is damaged or not made by swinlab")
+    kwargs = dict(kwargs)
+    if kwargs.get("pretrained"):
+        kwargs["pretrained"] = False  # weights from the network: the checkpoint's own are loaded instead
+        hparams["model_kwargs"] = kwargs
+    fields = {k: v for k, v in kwargs.items() if k not in (*CREATE_MODEL_KWARGS, "pretrained")}
+    classes = hparams.get("num_classes")
+    if classes is not None:
+        low, high = LIMITS["num_classes"]
+        if isinstance(classes, bool) or not isinstance(classes, int) or not low <= classes <= high:
+            raise CheckpointError(f"{where} has num_classes={str(classes)[:40]}, out of range [{low}, {high}]: the "
+                                  f"file is damaged or not made by swinlab")
+        fields["num_classes"] = classes
+    try:
+        config = variant.config.replace(**saved_fields(fields))
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{where} has model_kwargs that are not model settings ({first_line(exc)}): the "
+                              f"file is damaged or not made by swinlab") from None
+    assert isinstance(config, SwinConfig)
+    check_saved_config(config, where)
+    return hparams
 
 
 def _check_folder_strategy(ckpt: str, cfg) -> None:
@@ -918,6 +1031,15 @@ def parser_message(exc: BaseException, command: Optional[str] = None) -> str:
         choices = [c.strip().strip("'\"") for lit in _LITERAL.findall(raw) for c in lit.split(",")]
         hint = close_matches(given, choices) if choices else ""
     return (text[:600] + hint) or type(exc).__name__
+
+
+def _exception_chain(exc: Optional[BaseException]):
+    """``exc`` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _swinlab_cause(exc: BaseException) -> Optional[SwinlabError]:

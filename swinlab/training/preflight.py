@@ -253,6 +253,8 @@ def _check_mesh_sizes(trainer: Dict[str, Any]) -> None:
     args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
     dp, tp = args.get("data_parallel_size", "auto"), args.get("tensor_parallel_size", "auto")
     devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)  # "2": a count, as Lightning reads it
     world = devices * nodes if isinstance(devices, int) else len(devices) * nodes if isinstance(devices, list) else None
     if tp not in (1, "1"):
         raise ConfigError(f"ModelParallelStrategy tensor_parallel_size={tp}: swinlab has no tensor-parallel plan: set "
