@@ -27,6 +27,7 @@ def _reference(name):
     return randomize_(create_model(name)).eval()
 
 
+@pytest.mark.slow  # the tiny model at 256 px
 def test_features_only_through_timm_on_cpu_equals_forward_intermediates():
     """The issue's case: the tiny V2 model as a timm backbone, created with timm's device argument."""
     name = "swinv2_tiny_window8_256"
@@ -100,6 +101,7 @@ def test_output_fmt_says_the_layout_of_forward_features_and_of_the_maps(name):
         assert model(x).shape == (2, 2, 2, model.num_features)  # no pooling: the NHWC map
 
 
+@pytest.mark.slow  # scripting and the script's first runs: ~15 s
 def test_torchscript_at_another_input_size_and_with_sequential_attention_equals_eager():
     """timm's TorchScript test runs each model at its configured size; here a scripted model runs at another size
     (the shift masks of that size are built inside the script) and attends two windows at a time."""
@@ -110,6 +112,7 @@ def test_torchscript_at_another_input_size_and_with_sequential_attention_equals_
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~9 s
 def test_a_scripted_features_only_model_gives_its_maps():
     feats = randomize_(create_model(PICO[0], features_only=True, out_indices=[0, 2], feature_fmt="NCHW")).eval()
     x = _x()
