@@ -225,7 +225,8 @@ def test_full_disk_while_a_run_writes_its_config_and_logs(cfg, small_fs, capsys)
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"] or not list((small_fs / "runs").rglob("*.yaml"))
 
 
-def test_full_disk_through_python_m_swinlab_convert(small_fs, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("subprocess_too", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_full_disk_through_python_m_swinlab_convert(small_fs, tmp_path, capsys, monkeypatch, subprocess_too):
     """convert on a full disk, each format: one line naming --out before anything is written (torch.export's writer
     would abort the process), the earlier file intact."""
     from swinlab.models import create_model, save_safetensors
@@ -233,10 +234,13 @@ def test_full_disk_through_python_m_swinlab_convert(small_fs, tmp_path, capsys, 
     (small_fs / "earlier.safetensors").write_bytes(b"earlier")
     fill(small_fs, 64 << 10)
     convert = ["convert", "w.safetensors", "--model", PICO, "--img-size", "16", "--out"]
-    rc, err, _ = run_swinlab([*convert, str(small_fs / "x.pt2"), "--format", "torch_export"], tmp_path)
-    refused(rc, err, f"could not write {small_fs / 'x.pt2'}", "MiB free")
+    if subprocess_too:
+        rc, err, _ = run_swinlab([*convert, str(small_fs / "x.pt2"), "--format", "torch_export"], tmp_path)
+        refused(rc, err, f"could not write {small_fs / 'x.pt2'}", "MiB free")
     monkeypatch.chdir(tmp_path)
-    refused(*swinlab([*convert, str(small_fs / "x.safetensors")], capsys), f"could not write {small_fs}", "MiB free")
+    for out, fmt in (("x.safetensors", "safetensors"), ("x.pt2", "torch_export")):
+        refused(*swinlab([*convert, str(small_fs / out), "--format", fmt], capsys), f"could not write {small_fs}",
+                "MiB free")
     assert (small_fs / "earlier.safetensors").read_bytes() == b"earlier"
     assert sorted(p.name for p in small_fs.iterdir()) == ["earlier.safetensors", "filler"]
 
@@ -274,6 +278,7 @@ def test_every_command_that_writes_names_a_place_it_cannot_write(cfg, small_fs, 
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_an_unwritable_log_folder_through_python_m_swinlab(cfg, small_fs, tmp_path):
     read_only(small_fs)
     refused(*run_swinlab(["fit", "--config", cfg, "--trainer.logger.init_args.save_dir", str(small_fs / "runs")],
@@ -317,8 +322,14 @@ def test_a_mesh_that_cannot_fit_is_refused_from_the_command_line_as_from_yaml(cf
     (tmp_path / "two.yaml").write_text("trainer: {devices: 2}\n")
     words = ["data_parallel_size=3", "devices x num_nodes = 2"]
     refused(*swinlab(["fit", "--config", cfg, "--config", "two.yaml", *MESH], capsys), *words)
-    rc, err, _ = run_swinlab(["fit", "--config", cfg, *MESH, "--trainer.devices", "2"], tmp_path)
-    refused(rc, err, *words)
+    refused(*swinlab(["fit", "--config", cfg, *MESH, "--trainer.devices", "2"], capsys), *words)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_mesh_from_the_command_line_through_python_m_swinlab(cfg, tmp_path):
+    refused(*run_swinlab(["fit", "--config", cfg, *MESH, "--trainer.devices", "2"], tmp_path)[:2],
+            "data_parallel_size=3", "devices x num_nodes = 2")
     assert not (tmp_path / "runs").exists()
 
 
@@ -359,6 +370,7 @@ def test_an_incomplete_checkpoint_folder_under_its_strategy_is_one_line(cfg, tmp
     refused(rc, err, "cannot resume from checkpoint folder partial.ckpt", "incomplete")
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_asked_once_and_is_one_line(tmp_path):
     """The Hub at an address that accepts connections and never answers (HF_ENDPOINT), a 2 s HF_HUB_ETAG_TIMEOUT and
     an empty cache: one request for the weights, then one line naming the repo, the cache and the Hub
