@@ -10,6 +10,7 @@ Commands:
   estimate                          per-GPU memory under DDP / ZeRO / FSDP (swinlab.tools.estimate)
   ablate                            resolution-transfer ablation studies (swinlab.tools.ablate)
   signal                            signal propagation across depths, SwinV2 Figure 2 (swinlab.tools.signal_study)
+  data optimize | bench             image folder -> LitData shards; the data path's images/s (swinlab.tools.data)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ COMMANDS = {
     "estimate": "swinlab.tools.estimate",
     "ablate": "swinlab.tools.ablate",
     "signal": "swinlab.tools.signal_study",
+    "data": "swinlab.tools.data",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -78,6 +78,13 @@ TIMM_MARKERS = ("base", "forward", "backward", "cfg", "cfg_nonstd", "torchscript
                 "fxbackward", "timeout")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--timm-suite", choices=("ci", "all"), default="ci",
+                     help="timm's test_models.py on swinlab's models (tests/test_timm_suite*.py): 'ci' runs the "
+                          "test-sized and tiny variants, 'all' every registered size as far as timm's size limits "
+                          "allow (about an hour on 2 cores)")
+
+
 def pytest_configure(config):
     for marker in TIMM_MARKERS:
         config.addinivalue_line("markers", f"{marker}: timm's test_models.py marker")
@@ -85,7 +92,8 @@ def pytest_configure(config):
 
 # Files that hold the long multi-process runs go first: under ``pytest -n 2 --dist loadfile`` (the README's command)
 # each file runs whole on one worker, and a long file started last would leave the other worker idle at the end.
-FIRST = ("test_launch.py", "test_distributed.py", "test_reliability.py", "test_simmim.py", "test_docs_commands.py")
+FIRST = ("test_cluster.py", "test_launch.py", "test_distributed.py", "test_reliability.py", "test_simmim.py",
+         "test_docs_commands.py")
 
 
 def pytest_collection_modifyitems(config, items):

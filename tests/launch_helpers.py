@@ -125,3 +125,15 @@ class WaitForSignal(pl.Callback):
         end = time.monotonic() + self.timeout
         while stopped_by() is None and time.monotonic() < end:
             time.sleep(0.05)
+
+
+class FailOnRank(pl.Callback):
+    """Test-only: global rank ``rank`` raises at the start of the batch after ``step`` optimizer steps; the other
+    ranks go on into the step's collectives, where they would wait for it."""
+
+    def __init__(self, rank: int = 1, step: int = 1):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"FailOnRank: rank {self.rank} fails at step {self.step}")

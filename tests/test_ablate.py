@@ -67,14 +67,14 @@ def test_a_window_that_cannot_fit_fails_before_any_training(tmp_path, capsys):
     from swinlab.__main__ import main as swinlab_main
     bad = dict(TINY, eval=[{"img_size": 32, "window_size": 5}])
     with pytest.raises(ConfigError, match="window 5x5 cannot tile the 16x16 token grid"):
-        check_study(bad)
+        load_study(str(write_study(tmp_path, bad)))
     capsys.readouterr()
     rc = swinlab_main(["ablate", "--config", str(write_study(tmp_path, bad)), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().startswith("error: eval #1: window 5x5 cannot tile"), err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="not divisible by the patch size 2"):
-        check_study(dict(TINY, eval=[{"img_size": 33, "window_size": 4}]))
+        load_study(str(write_study(tmp_path, dict(TINY, eval=[{"img_size": 33, "window_size": 4}]))))
     with pytest.raises(ConfigError, match="has no 'variants:' section"):
         load_study(str(write_study(tmp_path, {k: v for k, v in TINY.items() if k != "variants"})))
 
@@ -84,15 +84,16 @@ def test_shipped_studies_are_valid():
         study = load_study(str(ROOT / "experiments" / "ablations" / f"{name}.yaml"))
         check_study(study)  # every evaluation window tiles its token grid
         if name.startswith("pos_bias"):  # the paper's Table 1 rows: parameterised table, linear and log CPB
-            assert sorted(v["position_bias"] for v in study["variants"].values()) == ["cpb_linear", "cpb_log",
-                                                                                      "table"]
+            assert sorted(study.variant(v).model_kwargs["position_bias"] for v in study.variant_names) == [
+                "cpb_linear", "cpb_log", "table"]
         else:  # Table 6: pre-norm/dot, +res-post-norm, +res-post-norm+scaled cosine attention
-            assert sorted((v["norm_placement"], v["attention"]) for v in study["variants"].values()) == [
+            kwargs = [study.variant(v).model_kwargs for v in study.variant_names]
+            assert sorted((k["norm_placement"], k["attention"]) for k in kwargs) == [
                 ("pre", "dot"), ("res_post", "cosine"), ("res_post", "dot")]
         if not name.endswith("imagenet"):
-            assert len(study["seeds"]) >= 3
+            assert len(study.seeds) >= 3
         else:  # the paper's transfer sizes (window = size / 32)
-            assert all(e["window_size"] * 32 == e["img_size"] for e in study["eval"])
+            assert all(e.window_size * 32 == e.img_size for e in study.eval)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -245,15 +246,15 @@ def test_a_claim_about_a_cell_the_study_does_not_evaluate_is_refused(tmp_path):
 def test_the_imagenet_study_runs_as_shipped_on_synthetic_data(tmp_path, name, extra):
     """The ImageNet studies' own files (sizes, windows, variants, fine-tune recipe, claims) through ``python -m swinlab
     ablate``, with only what a CPU cannot do swapped: synthetic images for ImageNet, one step per training on the CPU
-    in fp32, and a narrow, one-block-per-stage SwinV2-T (same windows and position biases). A shipped study that
-    cannot run (the multi-GPU trainers it had, a size its windows cannot tile) fails here."""
+    in fp32 on one device instead of 8 GPUs, and a narrow, one-block-per-stage SwinV2-T (same windows and position
+    biases). A shipped study that cannot run (a size its windows cannot tile, a setting fit refuses) fails here."""
     from swinlab.__main__ import main as swinlab_main
     study = yaml.safe_load((ROOT / "experiments" / "ablations" / f"{name}.yaml").read_text())
     study["data"] = {"class_path": "swinlab.data.SyntheticDataModule",
                      "init_args": {"batch_size": 2, "train_samples": 2, "val_samples": 2, "num_classes": 1000}}
     study["model"]["model_kwargs"] = {**study["model"]["model_kwargs"], "embed_dim": 8, "depths": [1, 1, 1, 1],
                                       "num_heads": [1, 1, 1, 1]}
-    cpu = {"accelerator": "cpu", "precision": "32-true", "accumulate_grad_batches": 1, "max_steps": 1}
+    cpu = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 1}
     for section in (study["train"], study["finetune"]):
         section["trainer"] = {**section["trainer"], **cpu}
     path = tmp_path / f"{name}.yaml"
@@ -367,6 +368,7 @@ def test_bootstrap_equals_resampling_the_images_by_index():
     (["--jobs", "0"], "--jobs 0 must be >= 1"),
     (["--variants", "cosine"], "--variants cosine: not in study tiny (it has "),
     (["--report", "nowhere"], "--report nowhere: no results.csv and results_images.csv there"),
+    (["--launcher", "slurm", "--poll", "0"], "--poll 0.0 must be > 0"),
 ])
 def test_a_bad_ablate_option_is_one_line_and_nothing_is_written(tmp_path, capsys, extra, words):
     from swinlab.__main__ import main as swinlab_main
@@ -396,3 +398,84 @@ def test_the_plot_keeps_coupled_sizes_at_one_window_apart():
     one = load_study(str(ROOT / "experiments" / "ablations" / "pos_bias_power.yaml"))
     labels, points = plot_points(one, read_rows(RESULTS / "pos_bias_power"))
     assert labels == ["W2", "W4", "W8", "W16"] and points["log_cpb"][0] == [2.0, 4.0, 8.0, 16.0]
+
+
+# -- a study is restartable: the units' own files, the same command again ----------------------------------------------
+
+@pytest.mark.slow
+def test_the_same_command_continues_its_own_study_and_refuses_another(tmp_path, capsys):
+    """Run, run again (nothing trains: the weights and rows stay as they were), lose one unit's results (its run
+    folder keeps last.ckpt: an interrupted unit) and run again (only that unit runs, from its last.ckpt, to the same
+    weights and rows); a study with other settings into the same folder is refused, nothing touched."""
+    from safetensors.torch import load_file
+
+    from swinlab.__main__ import main as swinlab_main
+    study = dict(TINY, finetune=None, eval=[{"img_size": 32, "window_size": 8}],
+                 train={"img_size": 32, "window_size": 4, "trainer": {"max_steps": 2}})
+    path = write_study(tmp_path, study)
+    out = tmp_path / "o"
+    argv = ["ablate", "--config", str(path), "--out", str(out)]
+    assert swinlab_main(argv) == 0
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
+             if p.is_file() and p.parent.name in ("weights", "table_seed0", "log_cpb_seed0")}
+    results = (out / "results_images.csv").read_text()
+    assert len(results.splitlines()) == 1 + 2 * 2
+    assert swinlab_main(argv) == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files  # read, not trained again
+    assert (out / "results_images.csv").read_text() == results
+    weights = out / "weights" / "log_cpb_seed0.safetensors"
+    before = load_file(weights)
+    weights.unlink()
+    (out / "units" / "log_cpb_seed0" / "rows.json").unlink()
+    capsys.readouterr()
+    assert swinlab_main(argv) == 0
+    assert "1 unit(s) already finished" in capsys.readouterr().out
+    after = load_file(weights)
+    assert after.keys() == before.keys() and all(after[k].equal(before[k]) for k in after)
+    assert (out / "results_images.csv").read_text() == results
+    assert (out / "units" / "table_seed0" / "rows.json").stat().st_mtime_ns == files[
+        out / "units" / "table_seed0" / "rows.json"][0]
+    (tmp_path / "other").mkdir()
+    other = write_study(tmp_path / "other", dict(study, train={**study["train"], "trainer": {"max_steps": 3}}))
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert swinlab_main(["ablate", "--config", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--overwrite" in err and "\n" not in err.strip(), err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot
+
+
+@pytest.mark.slow
+def test_a_unit_is_an_ordinary_fit_run_on_two_ddp_processes(tmp_path):
+    """A study whose trainer asks for 2 devices with DDP (what ablate refused before): each unit's training is
+    ``python -m swinlab fit`` with the config the unit wrote, Lightning starts the second rank, and the unit's rows
+    come out (a real subprocess, as users start it)."""
+    from swinlab.training.cli import build_parser
+    study = dict(TINY, finetune=None, variants={"table": {"position_bias": "table"}},
+                 eval=[{"img_size": 32, "window_size": 8}],
+                 train={"img_size": 32, "window_size": 4,
+                        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
+    path = write_study(tmp_path, study)
+    res = subprocess.run([sys.executable, "-m", "swinlab", "ablate", "--config", str(path), "--out", "o"],
+                         cwd=tmp_path, capture_output=True, text=True, env=_checkout_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    unit = tmp_path / "o" / "units" / "table_seed0"
+    log = (unit / "seed0.log").read_text()
+    assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log, log[-3000:]  # both ranks trained
+    parsed = build_parser("fit").parse_path(str(unit / "seed0.yaml"))  # the unit's config is a fit config
+    assert parsed.trainer.devices == 2 and parsed.trainer.strategy == "ddp" and parsed.seed_everything == 0
+    rows = json.loads((unit / "rows.json").read_text())
+    assert [(r["eval_window"], r["finetuned"]) for r in rows] == [(4, False), (8, False)]
+
+
+def test_slurm_units_need_one_shape_for_training_and_fine_tunes(tmp_path, capsys):
+    """Under --launcher slurm one allocation runs a unit's training and fine-tunes: trainers that ask for different
+    devices are named in one line before anything is written or submitted."""
+    from swinlab.__main__ import main as swinlab_main
+    study = dict(TINY, finetune={"trainer": {"max_steps": 2, "devices": 2, "accelerator": "cpu"}})
+    path = write_study(tmp_path, study)
+    capsys.readouterr()
+    rc = swinlab_main(["ablate", "--config", str(path), "--out", str(tmp_path / "o"), "--launcher", "slurm"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "1 node(s) x 1 device(s)" in err and "1 x 2" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()

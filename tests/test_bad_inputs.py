@@ -37,6 +37,7 @@ TINY = {
                 "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                            "init_args": {"save_dir": "runs", "name": "tiny"}}},
     "attention_images": {"enabled": False},
+    "signal": {"image": False},  # the per-block scalars stay on; no matplotlib figure per validation
 }
 
 

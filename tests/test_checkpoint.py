@@ -177,7 +177,7 @@ def test_metadata_written_before_swinconfig_still_loads(tmp_path):
     from safetensors import safe_open
     with safe_open(str(new), framework="pt") as f:
         assert json.loads(f.metadata()["swinlab_config"]) == {**json.loads(OLD_METADATA), "fused_attn": True,
-                                                              "grad_checkpointing": False}
+                                                              "grad_checkpointing": False, "global_pool": "avg"}
 
 
 def test_metadata_that_is_not_a_model_config_is_one_line(tmp_path):
@@ -434,7 +434,8 @@ def test_another_librarys_error_is_quoted_by_its_first_line():
 
 def test_save_safetensors_metadata_as_the_safetensors_library_reads_it(tmp_path, monkeypatch):
     """Into folders that do not exist yet; the metadata (read by safetensors itself): format, the variant name (the
-    model's own unless given, empty for a model built from a bare config) and the config as JSON. The write goes
+    model's own unless given, empty for a model built from a bare config), the config and the preprocessing (the
+    model's pretrained_cfg) as JSON. The write goes
     through a hidden temporary file beside the target, which is gone afterwards, also when the write fails."""
     from safetensors import safe_open
     from safetensors import torch as st_torch
@@ -448,8 +449,12 @@ def test_save_safetensors_metadata_as_the_safetensors_library_reads_it(tmp_path,
     monkeypatch.setattr(st_torch, "save_file", lambda s, f, metadata=None: temps.append(f) or real(s, f, metadata))
     assert save_safetensors(model, path) == path
     with safe_open(str(path), "pt") as f:
-        assert f.metadata() == {"format": "pt", "swinlab_model": "swinv2_pico_patch2_window4_32",
-                                "swinlab_config": json.dumps(model.config.to_dict())}
+        meta = f.metadata()
+        assert meta == {"format": "pt", "swinlab_model": "swinv2_pico_patch2_window4_32",
+                        "swinlab_config": json.dumps(model.config.to_dict()), "pretrained_cfg": meta["pretrained_cfg"]}
+    # the preprocessing its weights expect: swinlab's defaults for a variant timm has no config of
+    assert json.loads(meta["pretrained_cfg"]) == dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+                                                      input_size=[3, 32, 32], interpolation="bicubic", crop_pct=0.9)
     tmp = temps[0]
     assert os.path.dirname(tmp) == str(path.parent) and os.path.basename(tmp).startswith(".m.safetensors.")
     assert tmp.endswith(".tmp") and sorted(p.name for p in path.parent.iterdir()) == ["m.safetensors"]

@@ -8,7 +8,8 @@
 * The block marked ``<!-- cpu-command -->`` (the CPU stand-in for SwinV2-G) trains as written, from a fresh copy of
   the repository (``slow``).
 * docs/slurm/v2_g.sbatch runs with ``bash`` in a fresh copy under a fake SLURM environment, with a stand-in ``srun``
-  that runs its arguments with ``--print_config``; its log path must not need a directory a fresh clone lacks.
+  that runs its command with ``--print_config``; its log path must not need a directory a fresh clone lacks. (On a
+  real SLURM cluster: docs/slurm/cpu.sbatch, the same script with CPU values, in tests/test_cluster.py.)
 """
 from __future__ import annotations
 
@@ -201,10 +202,11 @@ def test_v2_g_sbatch_composes_on_a_fresh_clone_under_slurm(fresh_copy, tmp_path)
     # the script calls .venv/bin/python, which a fresh clone gets from the README's setup: here, this interpreter
     _stub(fresh_copy / ".venv" / "bin", "python", f'exec {shlex.quote(sys.executable)} "$@"\n')
     stub = tmp_path / "bin"
-    _stub(stub, "srun", 'exec "$@" --print_config\n')
+    _stub(stub, "srun", 'while [ "${1#-}" != "$1" ]; do shift; done\nexec "$@" --print_config\n')  # srun's options
     nodes = 3
     env = _env(stub, SLURM_JOB_NUM_NODES=str(nodes), SLURM_NNODES=str(nodes), SLURM_NTASKS=str(8 * nodes),
-               SLURM_NTASKS_PER_NODE="8", SLURM_JOB_ID="4242", SLURM_JOB_NAME="swinv2_g", SLURM_PROCID="0",
+               SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12", SLURM_JOB_ID="4242", SLURM_JOB_NAME="swinv2_g",
+               SLURM_PROCID="0",
                SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(fresh_copy), DS_ACCELERATOR="cpu")
     env.pop("PYTHONPATH", None)  # `python -m swinlab` from the clone's root imports the clone's swinlab
     res = subprocess.run(["bash", str(SBATCH)], cwd=fresh_copy, env=env, capture_output=True, text=True,

@@ -58,10 +58,18 @@ def test_timm_format_loads_strictly_into_timm_with_equal_logits(tmp_path, capsys
     rc, info, err = run_convert(capsys, sources[name], "--model", name, "--format", "timm", "--out", out)
     assert rc == 0, err
     if suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
         state = load_file(str(out))
+        with safe_open(str(out), framework="pt") as f:
+            recorded = json.loads(f.metadata()["pretrained_cfg"])
     else:
-        state = torch.load(out, weights_only=True)
+        saved = torch.load(out, weights_only=True)
+        state, recorded = saved["state_dict"], saved["pretrained_cfg"]
+        import timm.models
+        timm.models.load_checkpoint(timm_twin(name), str(out), strict=True)  # timm's own loader takes it
+    assert recorded == info["pretrained_cfg"] and info["pretrained_cfg_from"] == "defaults"
+    assert recorded["input_size"] == [3, 32, 32] and len(recorded["mean"]) == 3
     ref = timm_twin(name).eval()
     assert set(state) == set(ref.state_dict())  # exactly timm's keys: no swinlab-only buffers
     ref.load_state_dict(state, strict=True)
@@ -78,7 +86,7 @@ def test_timm_format_loads_strictly_into_timm_with_equal_logits(tmp_path, capsys
 
 def test_timm_format_of_a_timm_registered_model_at_another_size_loads_with_pretrained_cfg_overlay(
         tmp_path, capsys, monkeypatch):
-    """The README's line: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)); here
+    """docs/models.md's line: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)); here
     SwinV2-T moved to 64 px / window 4 (so timm needs img_size, window_size and pretrained_window_sizes)."""
     import timm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights come from the file, never the Hub
@@ -135,7 +143,9 @@ def test_torch_export_through_the_command_line(tmp_path, sources):
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["dynamic"] == ["batch"] and info["static"] == dict(img_size=[32, 32], in_chans=3)
     assert info["input_shape"] == ["batch", 3, 32, 32] and info["max_abs_diff"] <= 1e-5
-    program = torch.export.load(str(out)).module()
+    files = {"pretrained_cfg.json": ""}
+    program = torch.export.load(str(out), extra_files=files).module()
+    assert json.loads(files["pretrained_cfg.json"]) == info["pretrained_cfg"]  # the preprocessing travels along
     x = batch(5, seed=7)
     with torch.no_grad():
         assert max_diff(program(x), eager(V2, sources[V2])(x)) <= 1e-5
@@ -154,6 +164,7 @@ def test_onnx_checked_with_onnxruntime(tmp_path, capsys, sources):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.onnx"]  # one file, no temporary left
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
+    assert json.loads(session.get_modelmeta().custom_metadata_map["pretrained_cfg"]) == info["pretrained_cfg"]
     x = batch(4, seed=3)
     with torch.no_grad():
         ref = eager(V1, sources[V1])(x)

@@ -36,6 +36,9 @@ from swinlab.training.checkpoint_io import (
 )
 
 PROTOCOLS = range(6)
+# a run that reads FSDP2 folders (the strategy that wrote them; one process)
+FSDP2 = ["--config", str(ROOT / "experiments" / "strategy" / "fsdp2.yaml"),
+         "--trainer.strategy.init_args.data_parallel_size", "1"]
 EXT_CODE = 0x7FFF_FF01  # copyreg extension code used by the EXT forms (registered only to prove they would run)
 
 
@@ -183,8 +186,8 @@ def _zip_with_data_pkl(data: bytes) -> bytes:
 
 
 def test_archives_torch_reads_otherwise_are_refused(tmp_path, marker):
-    """A tar archive (PyTorch's oldest format, unpickled without any check) and a zip archive naming data.pkl twice
-    (two readers could take different copies) are refused; a genuine archive passes."""
+    """A tar archive (PyTorch's oldest format, unpickled without any check), a zip archive naming data.pkl twice
+    (two readers could take different copies) and a TorchScript archive are refused; a genuine archive passes."""
     import tarfile
     good = io.BytesIO()
     torch.save({"w": torch.ones(2)}, good)
@@ -203,6 +206,10 @@ def test_archives_torch_reads_otherwise_are_refused(tmp_path, marker):
         z.writestr("archive/data.pkl", payload)
     with pytest.raises(UnsafePickle, match="twice"):
         check_torch_file(twice.getvalue())
+    scripted = io.BytesIO()  # a TorchScript archive: torch.load(weights_only=False) hands it to torch.jit.load
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    with pytest.raises(UnsafePickle, match="__torch__"):
+        check_torch_file(scripted.getvalue(), FOLDER_TORCH_GLOBALS)
     assert not marker.exists()
 
 
@@ -299,7 +306,8 @@ def test_a_dotted_global_in_a_folder_is_refused_through_python_m_swinlab(tmp_pat
     dotted name); `fit --ckpt_path FOLDER` refuses it in one line, nothing runs and no run folder is made."""
     folder = _dcp_folder(tmp_path / "evil.ckpt")
     (folder / ".metadata").write_bytes(_forms(f"touch {marker}", 4)["GLOBAL dotted in an allowed DCP module"][0])
-    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path", "evil.ckpt"], tmp_path)
+    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), *FSDP2, "--ckpt_path", "evil.ckpt"],
+                             tmp_path)
     assert ".metadata" in line and "torch.distributed.checkpoint.filesystem.os.system" in line, line
     assert "SWINLAB_TRUST_CHECKPOINTS" in line
     assert not marker.exists() and not (tmp_path / "runs").exists()
@@ -314,7 +322,7 @@ def test_a_hostile_newest_last_ckpt_folder_is_refused_through_python_m_swinlab(t
     payload = _forms(f"touch {marker}", 4)["STACK_GLOBAL with memoized operands"][0]
     (folder / "meta.pt").write_bytes(_zip_with_data_pkl(payload))
     before = _snapshot(tmp_path / "runs")
-    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path", "last"], tmp_path)
+    line = _python_m_swinlab(["fit", "--config", _tiny_config(tmp_path), *FSDP2, "--ckpt_path", "last"], tmp_path)
     assert "meta.pt" in line and "os.system" in line, line
     assert not marker.exists() and _snapshot(tmp_path / "runs") == before
 
@@ -331,9 +339,45 @@ def test_hostile_folders_are_refused_by_the_entry_point_in_process(tmp_path, mar
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc = swinlab_main(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path",
+        rc = swinlab_main(["fit", "--config", _tiny_config(tmp_path), *FSDP2, "--ckpt_path",
                            "evil.ckpt" if how == "folder" else "last"])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "os.system (STACK_GLOBAL)" in lines[0], err[-2000:]
     assert not marker.exists() and not (tmp_path / "runs" / "tiny" / "version_4").exists()
+
+
+def test_paths_lightning_resolves_itself_get_the_same_check(tmp_path, marker, monkeypatch, capsys):
+    """`--ckpt_path hpc`: Lightning finds hpc_ckpt_<n>.ckpt in the root folder after the trainer is built; the
+    strategy's load is guarded, so a hostile folder there is refused in one line, before anything is unpickled."""
+    from swinlab.__main__ import main as swinlab_main
+    monkeypatch.chdir(tmp_path)
+    folder = _dcp_folder(tmp_path / "hpc_ckpt_1.ckpt")
+    (folder / ".metadata").write_bytes(_forms(f"touch {marker}", 2)["INST"][0])
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = swinlab_main(["fit", "--config", _tiny_config(tmp_path), "--ckpt_path", "hpc"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "hpc_ckpt_1.ckpt" in lines[0] and "os.system (INST)" in lines[0], \
+        err[-2000:]
+    assert not marker.exists()
+
+
+def test_a_remote_checkpoint_gets_the_same_check(marker):
+    """A checkpoint on a remote filesystem (fsspec; here its in-memory one) is checked from its opcodes before
+    Lightning's own load of it."""
+    import fsspec
+
+    from swinlab.training.checkpoint_io import SafeCheckpointIO
+    fs = fsspec.filesystem("memory")
+    good = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    fs.pipe("/trust/good.ckpt", good.getvalue())
+    fs.pipe("/trust/evil.ckpt", _zip_with_data_pkl(_forms(f"touch {marker}", 5)["OBJ on a memoized global"][0]))
+    assert torch.equal(SafeCheckpointIO().load_checkpoint("memory://trust/good.ckpt")["state_dict"]["w"],
+                       torch.ones(2))
+    with pytest.raises(CheckpointError, match=r"refused to load memory://trust/evil\.ckpt: .*os\.system"):
+        SafeCheckpointIO().load_checkpoint("memory://trust/evil.ckpt")
+    assert not marker.exists()

@@ -56,3 +56,14 @@ def test_sigterm_saves_exits_143_and_the_resumed_run_is_bit_identical(tmp_path, 
     assert final["global_step"] == whole["global_step"] == 12
     diff = [k for k, v in whole["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
     assert not diff, diff[:5]  # bit-identical weights
+
+
+@pytest.mark.slow
+def test_sigterm_during_validate_exits_143(tmp_path):
+    """Outside fit, Lightning's own SIGTERM path ends the loop with SystemExit(None), a success: swinlab says 143."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(CONFIG))
+    done = subprocess.run([sys.executable, "-m", "swinlab", "validate", "--config", "cfg.yaml",
+                           "--trainer.callbacks+=launch_helpers.SignalSelf", "--trainer.callbacks.step=0",
+                           "--trainer.callbacks.phase=val", "--trainer.callbacks.batch=0"], cwd=tmp_path,
+                          env=_env(ROOT / "tests"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]

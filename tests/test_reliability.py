@@ -33,6 +33,7 @@ CONFIG = {
                            "init_args": {"save_dir": "runs", "name": "tiny"}}},
     "resume": {"every_n_train_steps": 3},
     "attention_images": {"enabled": False},
+    "signal": {"image": False},  # the per-block scalars stay on; no matplotlib figure per validation
 }
 
 PAUSE = '''

@@ -157,3 +157,15 @@ def test_docs_show_the_committed_study_as_the_runner_writes_it():
     block = re.search(r"<!-- results: signal_propagation -->\n(.*?)<!-- end results: signal_propagation -->", page,
                       re.S)
     assert block is not None and block.group(1) == text
+
+
+def test_cost_command_times_the_instrument(capsys):
+    from swinlab.tools.signal_study import main
+    assert main(["--cost", "--model", PICO, "--img-size", "16", "--batch-size", "8", "--steps", "2", "--every", "10",
+                 "--threads", "1"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {PICO}")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[4] == "8"  # blocks
+    hooks_us, armed_us, direct = float(cells[9]), float(cells[10]), float(cells[11].rstrip("%"))
+    assert 0 <= hooks_us < armed_us and 0 < direct < 100  # a logging step reads 8 block outputs: more than hook calls

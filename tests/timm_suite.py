@@ -137,7 +137,8 @@ def swinlab_cases(fn: Callable, all_swinlab: Sequence[str], swin: set) -> Tuple[
 
 
 def wrap(fn: Callable, values: List[Any]) -> Callable:
-    """``fn`` (a timm test) re-parametrized: its model_name parametrization replaced by ``values``."""
+    """``fn`` (a timm test) re-parametrized: its model_name parametrization replaced by ``values`` (each with the
+    marks of its tier)."""
     mark, pos = _model_name_mark(fn)
 
     @functools.wraps(fn)
@@ -152,23 +153,40 @@ def wrap(fn: Callable, values: List[Any]) -> Callable:
     return test
 
 
-# test-sized and tiny variants run in every suite run; the larger ones (seconds to minutes each) are marked slow
-CI_SIZES = ("_32", "tiny")
+# Which cases run where (times: one thread, the suite's setting, on the 2-core machine):
+# - "fast": the test-sized variants (32 px), every test: in every run, `-m "not slow"` included;
+# - "ci": Swin-T and SwinV2-T (W8), every test but the two that prune at every stage (timm keeps its pruning
+#   contract out of its own CI): marked slow, in the README's full run;
+# - "all": the other sizes, and those two pruning tests at the tiny sizes: marked slow and skipped unless pytest
+#   runs with ``--timm-suite all`` (minutes per case at 224-384 px).
+CI_TINY = (PREFIX + "swin_tiny_patch4_window7_224", PREFIX + "swinv2_tiny_window8_256")
+PRUNE_EVERY_STAGE = ("test_prune_intermediate_layers_contract", "test_prune_intermediate_layers_params_used")
 # timm's pruning contract tells the NHWC map of ``forward_features`` from the NCHW tap by shape alone; on the pico
 # variants stage 0 is 16 x 16 x 16, so the shapes agree and it compares the two layouts as they are
 LAYOUT_AMBIGUOUS = {("test_prune_intermediate_layers_contract", PREFIX + "swin_pico_patch2_window4_32"),
                     ("test_prune_intermediate_layers_contract", PREFIX + "swinv2_pico_patch2_window4_32")}
 
 
+def tier(test: str, name: str) -> str:
+    if name.endswith("_32"):
+        return "fast"
+    return "ci" if name in CI_TINY and test not in PRUNE_EVERY_STAGE else "all"
+
+
 def marks_for(test: str, name: str) -> List[Any]:
-    marks = [] if any(size in name for size in CI_SIZES) else [pytest.mark.slow]
+    level = tier(test, name)
+    marks = [] if level == "fast" else [pytest.mark.slow]
+    if level == "all":
+        marks.append(pytest.mark.skipif("config.getoption('--timm-suite') != 'all'",
+                                        reason="a larger size: run with --timm-suite all"))
     if (test, name) in LAYOUT_AMBIGUOUS:
         marks.append(pytest.mark.xfail(strict=True, reason="stage 0 is C == H == W: timm's test cannot tell NHWC "
                                                            "from NCHW by shape (the other stages and variants run)"))
     return marks
 
 
-def cases(module) -> Dict[str, Tuple[Callable, List[Any], str]]:
+def cases(module, tiers: Sequence[str]) -> Dict[str, Tuple[Callable, List[Any], str]]:
+    """timm's tests of ``module`` to run for swinlab: name -> (test, model_name values of ``tiers``, why)."""
     all_swinlab = [n for n in timm.list_models() if is_swinlab(n)]
     swin = timm_swin_names()
     out = {}
@@ -176,6 +194,18 @@ def cases(module) -> Dict[str, Tuple[Callable, List[Any], str]]:
         fn = getattr(module, name)
         if name.startswith("test_") and callable(fn) and name not in TIMM_SWIN_EXTRAS:
             values, why = swinlab_cases(fn, all_swinlab, swin)
+            _, pos = _model_name_mark(fn)
+            values = [v for v in values if tier(name, v if isinstance(v, str) else v[pos]) in tiers]
             if values:
                 out[name] = (fn, values, why)
     return out
+
+
+def install(namespace: Dict[str, Any], tiers: Sequence[str]) -> Dict[str, Tuple[Callable, List[Any], str]]:
+    """Put timm's tests of ``tiers`` (re-parametrized) and the fixture they take into a test module's namespace."""
+    module = load_timm_test_models()
+    namespace["cfg_device"] = module.cfg_device  # the fixture timm's config tests take
+    selected = cases(module, tiers)
+    for name, (fn, values, _) in selected.items():
+        namespace[name] = wrap(fn, values)
+    return selected

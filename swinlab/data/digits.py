@@ -1,7 +1,7 @@
 """scikit-learn's 1,797 real 8x8 handwritten digits: the embedded, download-free default data set."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,14 @@ class DigitsDataModule(BaseDataModule):
     @property
     def class_names(self) -> List[str]:
         return [str(d) for d in range(10)]
+
+    @property
+    def preprocessing(self) -> Dict[str, Any]:
+        """The digits' preprocessing in timm's pretrained_cfg terms (recorded with the weights): [0, 1] pixels
+        normalised by mean = std = 0.5, the whole image bicubically resized (crop_pct 1)."""
+        c = self.in_chans
+        return dict(mean=(MEAN,) * c, std=(STD,) * c, input_size=(c, *self.img_size), interpolation="bicubic",
+                    crop_pct=1.0)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -79,10 +79,36 @@ def check_split(root: Path, what: str) -> List[str]:
     return classes
 
 
-def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True):
-    """Decode one image as RGB; an image of more than ``max_pixels`` pixels is refused before it is decoded (a
-    48 KB PNG can hold 20000 x 20000 pixels). ``decode=False``: the same checks on the header only, nothing
-    decoded (returns None)."""
+# where transparent pixels go: composited on this colour (PIL's convert("RGB") would keep whatever colour the
+# transparent pixels happen to store, often black)
+ALPHA_BACKGROUND = (255, 255, 255)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale (PNG, TIFF): PIL opens it as I;16 or I
+
+
+def to_rgb(img, background: Sequence[int] = ALPHA_BACKGROUND):
+    """``img`` as users see it, in 8-bit RGB: EXIF orientation applied (``PIL.ImageOps.exif_transpose``), 16-bit
+    grayscale scaled to 8 bits (PIL's own conversion clips it at 255: a white image), transparency (RGBA, LA, PA,
+    palette images with a transparent colour) composited on ``background``; CMYK, palette, 1-bit and other modes
+    through PIL's conversion."""
+    import numpy as np
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode in HIGH_BIT_MODES:
+        a = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0  # 0..65535 -> 0..255, not clipped
+        img = Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        canvas = Image.new("RGBA", img.size, tuple(int(c) for c in background) + (255,))
+        return Image.alpha_composite(canvas, img).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True,
+             background: Sequence[int] = ALPHA_BACKGROUND):
+    """Decode one image as RGB (:func:`to_rgb`); an image of more than ``max_pixels`` pixels is refused before it is
+    decoded (a 48 KB PNG can hold 20000 x 20000 pixels). ``decode=False``: the same checks on the header only,
+    nothing decoded (returns None)."""
     from PIL import Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
@@ -91,7 +117,10 @@ def load_rgb(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, de
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ValueError(f"{w}x{h} pixels is more than max_image_pixels={max_pixels}")
-            return img.convert("RGB") if decode else None
+            if not decode:
+                return None
+            img.load()
+            return to_rgb(img, background)
 
 
 class PredictImages:
@@ -130,8 +159,9 @@ class SafeImageFolder(ImageFolder):
     """ImageFolder that skips unreadable images (warns and counts; the next readable image stands in) or, with
     ``on_corrupt='error'``, stops with the file's name. Whatever the decoder raises counts as unreadable, and so does
     an image larger than ``max_image_pixels``. Class folders are scanned by ``scan_images`` (links stay inside the
-    class folder, loops end). Grayscale, palette and RGBA images are converted to RGB. Random augmentation is seeded
-    by the training index's ``aug_seed`` (see ``swinlab.data.common``)."""
+    class folder, loops end). Images become 8-bit RGB through :func:`to_rgb` (EXIF orientation applied, 16-bit
+    grayscale scaled, transparency composited on white). Random augmentation is seeded by the training index's
+    ``aug_seed`` (see ``swinlab.data.common``)."""
 
     def __init__(self, root: str, transform=None, on_corrupt: str = "skip",
                  max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
@@ -180,7 +210,9 @@ class ImageFolderDataModule(BaseDataModule):
     ``null``: no limit). A folder with only ``train/`` (no ``val_dir`` folder) gets a validation split carved from it:
     ``val_split`` of each class's images (at least one per class with two or more), chosen by ``seed``.
     ``predict_dir`` (a folder of images, searched recursively, or one image file) is what ``python -m swinlab
-    predict`` runs on; without it, predict runs on the validation split."""
+    predict`` runs on; without it, predict runs on the validation split. ``mean``/``std`` (ImageNet's by default),
+    ``img_size``, ``interpolation`` and ``crop_pct`` are the run's ``preprocessing``, recorded with the weights;
+    predict uses the weights' record where it has one (:meth:`weights_transform`)."""
 
     def __init__(self, data_dir: str = "data/imagenet", img_size: ImgSize = 224, batch_size: int = 128,
                  train_dir: str = "train", val_dir: str = "val", auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
@@ -214,10 +246,17 @@ class ImageFolderDataModule(BaseDataModule):
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"mean={list(mean)} / std={list(std)} must be 3 values each (R, G, B), std > 0")
         self.classes: Optional[List[str]] = None
+        self._named_missing = False
 
     @property
     def num_classes(self) -> Optional[int]:
         return len(self.classes) if self.classes is not None else None
+
+    @property
+    def preprocessing(self) -> Dict[str, Any]:
+        """What the evaluation transform does, in timm's pretrained_cfg terms: recorded with the weights."""
+        return dict(mean=self.mean, std=self.std, input_size=(3, *self.img_size), interpolation=self.interpolation,
+                    crop_pct=self.crop_pct)
 
     def transforms(self, training: bool):
         return build_transform(self.img_size, training, mean=self.mean, std=self.std, interpolation=self.interpolation,
@@ -241,6 +280,13 @@ class ImageFolderDataModule(BaseDataModule):
         if extra:
             raise ConfigError(f"validation classes {extra[:3]} have no training folder in "
                               f"{self.data_dir / self.train_dir}: use the same class folder names in both")
+        missing = sorted(set(train) - set(val))
+        if missing and not self._named_missing:
+            self._named_missing = True
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            warnings.warn(f"validation folder {self.data_dir / self.val_dir} lacks {len(missing)} of the "
+                          f"{len(train)} training classes ({shown}): their accuracy is not measured; add "
+                          f"{self.val_dir}/<class>/ folders for them", stacklevel=2)
         return train
 
     @staticmethod
@@ -260,10 +306,35 @@ class ImageFolderDataModule(BaseDataModule):
                                              self.on_corrupt)
         return self.predict_set
 
+    def weights_transform(self):
+        """The evaluation transform for the weights being run: the preprocessing they were trained with where the
+        module knows it (``weights_preprocessing()``: a checkpoint's record), else this data module's; a difference
+        is named in one line."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        trained = module.weights_preprocessing() if hasattr(module, "weights_preprocessing") else None
+        if not trained:
+            return self.transforms(False)
+        mine = self.preprocessing
+        keys = ("mean", "std", "interpolation", "crop_pct")
+        want = {k: tuple(trained[k]) if isinstance(trained[k], (list, tuple)) else trained[k]
+                for k in keys if k in trained}
+        differ = [k for k in want if want[k] != mine[k]]
+        if differ:
+            warnings.warn(f"predicting with the preprocessing the weights were trained with "
+                          f"({', '.join(f'{k}={want[k]}' for k in differ)}), not the data module's "
+                          f"({', '.join(f'{k}={mine[k]}' for k in differ)})", stacklevel=2)
+        mine = dict(mine, **want)
+        return build_transform(self.img_size, False, mean=mine["mean"], std=mine["std"],
+                               interpolation=mine["interpolation"], crop_pct=mine["crop_pct"])
+
     def predict_dataloader(self):
         if self._predict_set() is None:
+            if self.val_set is None:
+                self.setup("predict")
+            self.val_set.transform = self.weights_transform()
             return super().predict_dataloader()
         from torch.utils.data import DataLoader
+        self.predict_set.transform = self.weights_transform()
         return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
 
     def predict_inputs(self) -> List[str]:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, first_line, unwritable_reason
 from .config import SwinConfig
+from .hub import check_preprocessing, preprocessing_of
+from .limits import check_saved_config, saved_fields
 from .pickle_scan import TENSOR_GLOBALS, MalformedPickle, UnsafePickle, check_torch_file
 from .registry import REGISTRY
 from .swin import SwinTransformer, stage_geometry
@@ -29,8 +31,9 @@ ANCHOR = "patch_embed.proj.weight"
 
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a checkpoint file into (backbone state_dict with its prefix removed, swinlab metadata). The metadata of a
-    swinlab safetensors file or Lightning checkpoint is ``{"model": registry name, "config": SwinConfig}``; other
-    files have none (``{}``)."""
+    swinlab safetensors file or Lightning checkpoint is ``{"model": registry name, "config": SwinConfig}``, with
+    ``"pretrained_cfg"`` (the preprocessing its weights were trained with: mean, std, input_size, interpolation,
+    crop_pct) where the file has it (also convert's timm files); other files have none (``{}``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
@@ -45,25 +48,44 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
             raise CheckpointError(f"cannot read {path} as safetensors ({first_line(exc)}): the file is truncated "
                                   f"or not safetensors; export it again") from None
         if "swinlab_config" in raw_meta:
-            meta = dict(model=raw_meta.get("swinlab_model"), config=json.loads(raw_meta["swinlab_config"]))
+            try:
+                saved = json.loads(raw_meta["swinlab_config"])
+            except (ValueError, RecursionError) as exc:
+                raise CheckpointError(f"{path} has swinlab metadata that is not JSON ({type(exc).__name__}): "
+                                      f"re-export it, or load its weights by model name") from None
+            meta = dict(model=raw_meta.get("swinlab_model"), config=saved)
+        if "pretrained_cfg" in raw_meta:
+            try:
+                meta["pretrained_cfg"] = json.loads(raw_meta["pretrained_cfg"])
+            except (ValueError, RecursionError):
+                raise CheckpointError(f"{path} has a pretrained_cfg that is not JSON: re-export the file") from None
     else:
         obj = safe_torch_load(path)
-        if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):
+        if isinstance(obj, dict) and isinstance(obj.get("swinlab"), dict):  # a Lightning checkpoint of swinlab's
             meta = dict(obj["swinlab"])
+        elif isinstance(obj, dict) and "pretrained_cfg" in obj:  # convert --format timm's .pth
+            meta = dict(pretrained_cfg=obj["pretrained_cfg"])
+    if not isinstance(meta.get("model"), (str, type(None))):
+        meta["model"] = None  # only ever quoted in messages
     if "config" in meta:
         meta["config"] = _saved_config(meta["config"], path)
+    if "pretrained_cfg" in meta:
+        meta["pretrained_cfg"] = check_preprocessing(meta["pretrained_cfg"], str(path))
     return _unwrap(obj, path), meta
 
 
 def _saved_config(saved: Any, path: Path) -> Optional[SwinConfig]:
-    """The model config in swinlab metadata (``SwinConfig.to_dict``: the model's config keys), None if empty."""
+    """The model config in swinlab metadata (``SwinConfig.to_dict``: the model's config keys), None if empty; its
+    values are data (:func:`~swinlab.models.limits.check_saved_config`: types, the family's bounds, the memory the
+    model needs on this machine), checked before anything is built from them."""
     if not saved:
         return None
     try:
-        return SwinConfig.from_dict(saved)
+        config = SwinConfig(**saved_fields(saved))
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path} has swinlab metadata that is not a model config ({first_line(exc)}): "
                               f"re-export it, or load its weights by name without the metadata") from None
+    return check_saved_config(config, str(path))
 
 
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
@@ -83,6 +105,23 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     file's opcodes against an exact allowlist (tensors, parameters, plain containers), with one-line errors: a pickle
     payload is refused before anything is unpickled, a truncated or foreign file is named as such."""
     path = Path(path)
+    check_checkpoint_file(path)
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that only unpickling could build "
+            f"({unpickling_reason(exc)}); swinlab loads tensors only: save model.state_dict() or safetensors"
+        ) from None
+    except Exception as exc:  # truncated zip, foreign format, KeyError from a malformed archive, ...
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {first_line(exc)}): the file is truncated "
+                              f"or not a PyTorch checkpoint; copy or export it again") from None
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse, in one line, a ``torch.save`` file that names anything but tensors, parameters and plain containers,
+    read from its opcodes (:func:`~swinlab.models.pickle_scan.check_torch_file`): nothing is unpickled."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:
@@ -97,16 +136,6 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except OSError as exc:
         raise CheckpointError(f"cannot read {path} ({exc.strerror or exc}): check the file and its "
                               f"permissions") from None
-    try:
-        return torch.load(str(path), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refused to load {path}: it holds Python objects that only unpickling could build "
-            f"({unpickling_reason(exc)}); swinlab loads tensors only: save model.state_dict() or safetensors"
-        ) from None
-    except Exception as exc:  # truncated zip, foreign format, KeyError from a malformed archive, ...
-        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {first_line(exc)}): the file is truncated "
-                              f"or not a PyTorch checkpoint; copy or export it again") from None
 
 
 def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
@@ -271,12 +300,16 @@ def load_into_model(model: SwinTransformer, state_dict: Dict[str, torch.Tensor],
 
 def save_safetensors(model: SwinTransformer, path: str | os.PathLike, model_name: Optional[str] = None,
                      extra_metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write the weights and the model's config as safetensors, atomically (temp file + rename)."""
+    """Write the weights, the model's config and its preprocessing (``model.pretrained_cfg``'s mean, std,
+    input_size, interpolation, crop_pct) as safetensors, atomically (temp file + rename)."""
     from safetensors.torch import save_file
     path = Path(path)
     name = model_name or getattr(model, "variant_name", None) or ""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "swinlab_model": name, "swinlab_config": json.dumps(model.config.to_dict())}
+    preprocessing = preprocessing_of(getattr(model, "pretrained_cfg", None))
+    if preprocessing:
+        meta["pretrained_cfg"] = json.dumps(preprocessing)
     meta.update(extra_metadata or {})
     tmp = None
     try:

@@ -9,7 +9,16 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import infer_num_classes, load_into_model, read_checkpoint
 from .config import RUNTIME_FIELDS, SwinConfig, per_stage
-from .hub import HF_PREFIX, build_pretrained_cfg, fetch, list_tags, resolve_tag, split_tag, weights_source
+from .hub import (
+    HF_PREFIX,
+    apply_preprocessing,
+    build_pretrained_cfg,
+    fetch,
+    list_tags,
+    resolve_tag,
+    split_tag,
+    weights_source,
+)
 from .registry import get_variant
 from .swin import SwinTransformer, stage_geometry
 
@@ -65,11 +74,13 @@ def create_model(
     Pretrained weights by timm's names: ``create_model("swinv2_tiny_window8_256.ms_in1k", pretrained=True)``, or
     the architecture with ``pretrained=True`` (timm's default tag) or ``pretrained="ms_in1k"`` (that tag), or the
     name ``"hf-hub:timm/<arch>.<tag>"``. ``model.pretrained_cfg`` is timm's config of that tag (input size, mean/std,
-    crop) at the model's own size. ``features_only=True``: a feature extractor returning the maps of stages
-    ``out_indices`` (default all) as timm's ``features_only`` Swin models do (NHWC; ``feature_fmt="NCHW"``), with
-    ``feature_info`` (:meth:`~swinlab.models.swin.SwinTransformer.as_features`). ``device`` / ``dtype``: as timm's
-    factory arguments, where the parameters and buffers are created (``"meta"``: none allocated) and their
-    floating-point dtype.
+    crop) at the model's own size; with a ``checkpoint`` that records its preprocessing (every file swinlab writes:
+    the run's mean, std, interpolation, crop_pct), those, so ``timm.data.resolve_data_config(model=model)`` gives
+    the transforms the weights were trained with (``model.preprocessing``: that record, None without one).
+    ``features_only=True``: a feature extractor returning the maps of stages ``out_indices`` (default all) as timm's
+    ``features_only`` Swin models do (NHWC; ``feature_fmt="NCHW"``), with ``feature_info``
+    (:meth:`~swinlab.models.swin.SwinTransformer.as_features`). ``device`` / ``dtype``: as timm's factory arguments,
+    where the parameters and buffers are created (``"meta"``: none allocated) and their floating-point dtype.
     """
     if not isinstance(name, str):
         raise ConfigError(f"model name must be a string, got {name!r}")
@@ -92,9 +103,10 @@ def create_model(
                 raise ConfigError(f"pretrained=True and checkpoint={checkpoint!r} both give weights: pass one")
             checkpoint = weights_source(cfg)
     source = variant.config
-    state_dict = None
+    state_dict, saved_preprocessing = None, None
     if checkpoint is not None:
         state_dict, meta = read_checkpoint(fetch(checkpoint))  # a local path is returned as it is
+        saved_preprocessing = meta.get("pretrained_cfg")
         saved: Optional[SwinConfig] = meta.get("config")
         if saved is not None:  # a swinlab file knows the geometry it was saved at
             given = {k: v for k, v in overrides.items() if k in ARCHITECTURE_FIELDS}  # e.g. a narrower embed_dim
@@ -132,6 +144,9 @@ def create_model(
         model = SwinTransformer(target)
     model.variant_name = variant.name
     model.pretrained_cfg = build_pretrained_cfg(model.config, variant.name, tag)
+    model.preprocessing = saved_preprocessing  # what the weights were trained with, as the file recorded it
+    if saved_preprocessing:
+        model.pretrained_cfg = apply_preprocessing(model.pretrained_cfg, saved_preprocessing)
     if state_dict is not None:
         load_into_model(model, state_dict, source=source, checkpoint=str(checkpoint),
                         reset_head=num_classes is not None)

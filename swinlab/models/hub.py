@@ -201,3 +201,52 @@ def build_pretrained_cfg(config: Any, arch: Optional[str] = None, tag: Optional[
     cfg.update(input_size=(config.in_chans, h, w), pool_size=(h // reduction, w // reduction),
                num_classes=config.num_classes if num_classes is None else num_classes)
     return cfg
+
+
+# What a model's weights expect of their input, carried in every file swinlab writes (metadata ``pretrained_cfg``):
+# the run's normalisation, input size, resize interpolation and evaluation crop, as timm's pretrained_cfg names them
+PREPROCESSING_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct")
+
+
+def preprocessing_of(cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The preprocessing keys of a pretrained_cfg (or a data module's ``preprocessing``), JSON-ready (lists)."""
+    out: Dict[str, Any] = {}
+    for k in PREPROCESSING_KEYS:
+        v = (cfg or {}).get(k)
+        if v is not None:
+            out[k] = [float(x) if k != "input_size" else int(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def check_preprocessing(saved: Any, where: str) -> Dict[str, Any]:
+    """A file's ``pretrained_cfg`` metadata, validated: a CheckpointError naming the bad entry otherwise."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where} has a pretrained_cfg that is not a mapping ({type(saved).__name__}): "
+                              f"re-export the file")
+    try:
+        pp = preprocessing_of(saved)
+        bad = [k for k in ("mean", "std") if k in pp and not (isinstance(pp[k], list) and pp[k])]
+        bad += ["std"] if any(x <= 0 for x in pp.get("std") or []) else []
+        bad += ["input_size"] if "input_size" in pp and not (isinstance(pp["input_size"], list)
+                                                             and len(pp["input_size"]) == 3) else []
+        bad += ["interpolation"] if not isinstance(pp.get("interpolation", ""), str) else []
+        bad += ["crop_pct"] if not 0 < float(pp.get("crop_pct", 1.0)) <= 1 else []
+    except (TypeError, ValueError):
+        bad = ["a value"]
+    if bad:
+        raise CheckpointError(f"{where} has a malformed pretrained_cfg ({bad[0]} of {str(saved)[:120]}): "
+                              f"re-export the file")
+    return pp
+
+
+def apply_preprocessing(cfg: Dict[str, Any], saved: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` (a model's pretrained_cfg) with a file's mean, std, interpolation and crop_pct; the input size stays
+    the model's own (the file's unless the model was built at another size)."""
+    out = dict(cfg)
+    for k in ("mean", "std"):
+        if k in saved:
+            out[k] = tuple(saved[k])
+    for k in ("interpolation", "crop_pct"):
+        if k in saved:
+            out[k] = saved[k]
+    return out

@@ -183,10 +183,36 @@ class SwinTask(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Every rank, before ``configure_model``: the run's strategy/precision/chunk-size rules (``check_run``), then
-        the task's own checks of the data module (:meth:`check_data`)."""
+        the task's own checks of the data module (:meth:`check_data`); in fit, the data module's ``preprocessing``
+        becomes the weights' (:meth:`weights_preprocessing`)."""
         trainer = self.attached_trainer()
         check_run(trainer, self)
-        self.check_data(getattr(trainer, "datamodule", None))
+        datamodule = getattr(trainer, "datamodule", None)
+        self.check_data(datamodule)
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        if stage == "fit" and preprocessing:
+            self.set_weights_preprocessing(preprocessing)
+            self._preprocessing_from_data = True
+
+    # -- what the weights expect of their input -----------------------------------------------------------------------
+    _weights_preprocessing: Optional[Dict[str, Any]] = None
+    _preprocessing_from_data = False
+
+    def weights_preprocessing(self) -> Optional[Dict[str, Any]]:
+        """The preprocessing (mean, std, input_size, interpolation, crop_pct) the weights were trained with, where
+        known: the data module's in fit, a restored Lightning checkpoint's, or what the ``checkpoint=`` file the
+        backbone was built from recorded. None otherwise."""
+        if self._weights_preprocessing is not None:
+            return self._weights_preprocessing
+        return getattr(getattr(self, self.backbone_attr, None), "preprocessing", None)
+
+    def set_weights_preprocessing(self, preprocessing: Dict[str, Any]) -> None:
+        """Record ``preprocessing`` as the weights' (also in the backbone's ``pretrained_cfg``)."""
+        from ..models.hub import apply_preprocessing, preprocessing_of
+        self._weights_preprocessing = preprocessing_of(preprocessing)
+        model = getattr(self, self.backbone_attr, None)
+        if isinstance(getattr(model, "pretrained_cfg", None), dict):
+            model.pretrained_cfg = apply_preprocessing(model.pretrained_cfg, self._weights_preprocessing)
 
     def check_data(self, datamodule: Any) -> None:
         """Compare the data module (None without one) with the model; nothing to compare by default."""
@@ -283,6 +309,17 @@ class SwinTask(pl.LightningModule):
                                    gradient_clip_algorithm=gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Lets ``create_model(name, checkpoint=...)`` rebuild the saved geometry from a Lightning checkpoint."""
+        """Lets ``create_model(name, checkpoint=...)`` rebuild the saved geometry from a Lightning checkpoint, with
+        the preprocessing the weights were trained with (``pretrained_cfg``) where it is known."""
         model = getattr(self, self.backbone_attr)
         checkpoint["swinlab"] = {"model": self.model_name, "config": model.config.to_dict()}
+        preprocessing = self.weights_preprocessing()
+        if preprocessing:
+            checkpoint["swinlab"]["pretrained_cfg"] = dict(preprocessing)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """A checkpoint's recorded preprocessing becomes the weights' (not in fit, where the data module's counts)."""
+        saved = (checkpoint.get("swinlab") or {}).get("pretrained_cfg")
+        if saved and not self._preprocessing_from_data:
+            from ..models.hub import check_preprocessing
+            self.set_weights_preprocessing(check_preprocessing(saved, "the checkpoint"))

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..training.preflight import close_matches
 from .base import SwinTask, build_model, check_range
 from .optim import param_groups
+
+MAX_CLASS_NAME = 256  # characters: a class name read from a checkpoint
 
 
 class ImageClassifier(SwinTask):
@@ -192,8 +194,18 @@ class ImageClassifier(SwinTask):
             checkpoint["class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        if checkpoint.get("class_names"):
-            self.class_names = [str(c) for c in checkpoint["class_names"]]
+        super().on_load_checkpoint(checkpoint)
+        names = checkpoint.get("class_names")
+        if names:  # data: written into prediction files, so checked as the data module's folder names would be
+            n = self.hparams.num_classes
+            if not isinstance(names, (list, tuple)) or len(names) != n or not all(
+                    isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME and c.isprintable() for c in names):
+                raise CheckpointError(
+                    f"the checkpoint's class_names are not {n} printable names of at most {MAX_CLASS_NAME} "
+                    f"characters ({type(names).__name__} of {len(names) if hasattr(names, '__len__') else '?'}): "
+                    f"the file is damaged or not made by swinlab; re-save it, or load its weights with "
+                    f"model.init_args.checkpoint")
+            self.class_names = list(names)
 
     # -- optimisation ---------------------------------------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict[str, Any]]:

@@ -2,12 +2,19 @@
 another image/window size, written as what people deploy:
 
 - ``safetensors`` (default): swinlab's file, weights plus the model's config as metadata;
-- ``timm``: a state dict with exactly the keys timm's own model has (safetensors, or ``.pth``), checked by loading it
-  strictly into timm's twin and comparing logits;
+- ``timm``: a state dict with exactly the keys timm's own model has (safetensors, or ``.pth`` as
+  ``{"state_dict": ..., "pretrained_cfg": ...}``), checked by loading it strictly into timm's twin and comparing
+  logits;
 - ``torch_export``: a ``torch.export`` program (``.pt2``) with a dynamic batch dimension, reloaded and checked against
   the eager model;
 - ``onnx``: an ONNX model (dynamo exporter) with a dynamic batch dimension, checked with onnxruntime (the ``onnx``
   extra).
+
+Every file records the preprocessing the weights expect (``pretrained_cfg``: mean, std, input_size, interpolation,
+crop_pct; the checkpoint's record, else timm's config of the architecture or swinlab's defaults, as the printed JSON's
+``pretrained_cfg_from`` says): safetensors metadata ``pretrained_cfg`` (JSON), the ``.pth``'s ``pretrained_cfg``
+entry beside its ``state_dict`` (the entry timm's loaders take), the ``torch.export`` archive's extra file
+``pretrained_cfg.json``, the ONNX model's metadata property ``pretrained_cfg``; the printed ``timm_load`` line sets it.
 
 Every file is written into a temporary folder next to ``--out``, checked there and only then renamed into place: a
 failed check leaves nothing behind, an existing file is replaced only with ``--overwrite``, and the input
@@ -28,6 +35,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, SwinlabError, first_line, unwritable_reason
 from ..models import PRESETS, SwinTransformer, create_model, get_variant, save_safetensors
+from ..models.hub import preprocessing_of
 
 FORMATS = ("safetensors", "timm", "torch_export", "onnx")
 EXPORT_TOL = 1e-5  # torch.export program vs eager (fp32), times max(1, largest |logit|)
@@ -36,6 +44,7 @@ TIMM_TOL = 1e-4  # timm's twin vs swinlab on the same weights, relative to the l
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # ONNX protobufs stop at 2 GiB: larger weights go to <out>.data
 TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+EXPORT_CFG_FILE = "pretrained_cfg.json"  # the torch.export archive's extra file holding the preprocessing
 
 
 def main(argv: List[str]) -> int:
@@ -73,19 +82,21 @@ def main(argv: List[str]) -> int:
                          pretrained_window_size=pws, num_classes=args.num_classes).eval()
     _check_space(model, out)
     cfg = model.config
+    preprocessing = preprocessing_of(model.pretrained_cfg)
     info: Dict[str, Any] = dict(out=str(out), format=args.format, model=args.model, img_size=cfg.img_size,
                                 window_size=[w[0] for w in cfg.window_size],
                                 pretrained_window_size=[w[0] for w in cfg.pretrained_window_size],
-                                num_classes=cfg.num_classes)
+                                num_classes=cfg.num_classes, pretrained_cfg=preprocessing,
+                                pretrained_cfg_from=str(args.checkpoint) if model.preprocessing else "defaults")
     if args.format == "safetensors":
         _write_atomically(out, lambda path: save_safetensors(model, path, args.model), lambda path: None,
                           args.overwrite)
     elif args.format == "timm":
-        info.update(_write_timm(model, variant.name, out, args.overwrite))
+        info.update(_write_timm(model, variant.name, out, preprocessing, args.overwrite))
     elif args.format == "torch_export":
-        info.update(_write_torch_export(model, out, args.overwrite))
+        info.update(_write_torch_export(model, out, preprocessing, args.overwrite))
     else:
-        info.update(_write_onnx(model, out, args.overwrite))
+        info.update(_write_onnx(model, out, preprocessing, args.overwrite))
     print(json.dumps(info))
     return 0
 
@@ -242,7 +253,8 @@ def build_timm_twin(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _write_timm(model: SwinTransformer, variant_name: str, out: Path, overwrite: bool = True) -> Dict[str, Any]:
+def _write_timm(model: SwinTransformer, variant_name: str, out: Path, preprocessing: Dict[str, Any],
+                overwrite: bool = True) -> Dict[str, Any]:
     name, kwargs = timm_twin_spec(model, variant_name)
     twin = build_timm_twin(name, kwargs).eval()
     expected = twin.state_dict()
@@ -251,21 +263,29 @@ def _write_timm(model: SwinTransformer, variant_name: str, out: Path, overwrite:
     if missing:
         raise ConfigError(f"timm's {name} expects {len(missing)} tensors swinlab's model lacks (first: "
                           f"{missing[0]}): use --format safetensors")
-    meta = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs)}
+    meta = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs),
+            "pretrained_cfg": json.dumps(preprocessing)}
 
     def write(path: Path) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
             save_file(state, str(path), metadata=meta)
-        else:
-            torch.save(state, str(path))
+        else:  # timm's loaders (pretrained_cfg_overlay=dict(file=...), load_checkpoint) take the "state_dict" entry
+            torch.save({"state_dict": state, "pretrained_cfg": preprocessing}, str(path))
 
     def check(path: Path) -> float:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
             loaded = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                recorded = json.loads((f.metadata() or {}).get("pretrained_cfg", "null"))
         else:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded, recorded = saved["state_dict"], saved.get("pretrained_cfg")
+        if recorded != preprocessing:
+            raise CheckpointError(f"{out.name} reads back pretrained_cfg {recorded}, not {preprocessing}: nothing "
+                                  f"written; report this as a bug")
         twin.load_state_dict(loaded, strict=True)
         (x,) = _fresh_inputs(model, (1,), seed=0)
         with torch.no_grad():
@@ -277,10 +297,12 @@ def _write_timm(model: SwinTransformer, variant_name: str, out: Path, overwrite:
         return err
 
     err = _write_atomically(out, write, check, overwrite)
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()}
     if name.startswith("timm.models."):
-        load = f"{name}(**timm_kwargs).load_state_dict(<state dict of {out.name}>)"
+        load = (f"model = {name}(**timm_kwargs); model.load_state_dict(<\"state_dict\" of {out.name}>); "
+                f"model.pretrained_cfg = {cfg!r}")
     else:
-        overlay = dict(file=str(out), num_classes=model.config.num_classes)
+        overlay = dict(file=str(out), num_classes=model.config.num_classes, **cfg)
         args = ", ".join([repr(name), "pretrained=True"] + [f"{k}={v!r}" for k, v in kwargs.items()]
                          + [f"pretrained_cfg_overlay={overlay!r}"])
         load = f"timm.create_model({args})"
@@ -329,16 +351,24 @@ def _check_outputs(model: SwinTransformer, run: Callable[[torch.Tensor], torch.T
     return err
 
 
-def _write_torch_export(model: SwinTransformer, out: Path, overwrite: bool = True) -> Dict[str, Any]:
+def _write_torch_export(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any],
+                        overwrite: bool = True) -> Dict[str, Any]:
     program, dynamic = _export_program(model)
+    extra = {EXPORT_CFG_FILE: json.dumps(preprocessing)}
 
     def check(path: Path) -> float:
-        loaded = torch.export.load(str(path)).module()
+        files = {EXPORT_CFG_FILE: ""}
+        loaded = torch.export.load(str(path), extra_files=files).module()
+        if json.loads(files[EXPORT_CFG_FILE] or "null") != preprocessing:
+            raise CheckpointError(f"{out.name} reads back {EXPORT_CFG_FILE} {files[EXPORT_CFG_FILE]!r}: nothing "
+                                  f"written; report this as a bug")
         return _check_outputs(model, lambda x: loaded(x), dynamic, EXPORT_TOL, f"the reloaded program {out.name}")
 
-    err = _write_atomically(out, lambda path: torch.export.save(program, str(path)), check, overwrite)
+    err = _write_atomically(out, lambda path: torch.export.save(program, str(path), extra_files=extra), check,
+                            overwrite)
     return dict(_static_note(model, dynamic), max_abs_diff=err,
-                load=f"torch.export.load({str(out)!r}).module()(images)")
+                load=f"torch.export.load({str(out)!r}).module()(images); preprocessing: "
+                     f"torch.export.load(..., extra_files={{{EXPORT_CFG_FILE!r}: ''}})")
 
 
 # -- ONNX -------------------------------------------------------------------------------------------------------------
@@ -353,7 +383,8 @@ def _require_onnx() -> None:
         raise ConfigError(f"--format onnx needs {', '.join(missing)} (not installed): pip install -e \".[onnx]\"")
 
 
-def _write_onnx(model: SwinTransformer, out: Path, overwrite: bool = True) -> Dict[str, Any]:
+def _write_onnx(model: SwinTransformer, out: Path, preprocessing: Dict[str, Any],
+                overwrite: bool = True) -> Dict[str, Any]:
     import warnings
 
     import onnxruntime as ort
@@ -367,10 +398,15 @@ def _write_onnx(model: SwinTransformer, out: Path, overwrite: bool = True) -> Di
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, input_names=["images"], output_names=["logits"],
                                              dynamo=True, external_data=external, verbose=False)
+            onnx_program.model.metadata_props["pretrained_cfg"] = json.dumps(preprocessing)
             onnx_program.save(str(path), external_data=external)
         import onnx
-        opset[0] = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                         if o.domain in ("", "ai.onnx")), None)
+        proto = onnx.load(str(path), load_external_data=False)
+        opset[0] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        recorded = {p.key: p.value for p in proto.metadata_props}.get("pretrained_cfg")
+        if json.loads(recorded or "null") != preprocessing:
+            raise CheckpointError(f"{out.name} reads back pretrained_cfg {recorded!r}: nothing written; report this "
+                                  f"as a bug")
 
     def check(path: Path) -> float:
         options = ort.SessionOptions()

@@ -209,36 +209,38 @@ def _fmt(iv: Interval, nd: int = 2, signed: bool = False) -> str:
     return f"{iv.mean:{f}} [{iv.low:{f}}, {iv.high:{f}}]"
 
 
-# (claim, section, phase, measure, (size, variant), (size, variant), expected sign of a - b)
+# (claim, section, measure, (size, variant, phase), (size, variant, phase), expected sign of a - b)
 CLAIMS = [
-    ("pre-norm's amplitude spread grows with depth (G's depths against T's)", "depth", "trained", "spread",
-     ("G", "pre_dot"), ("T", "pre_dot"), "higher"),
-    ("res-post-norm keeps the amplitudes flatter than pre-norm: T's depths, dot attention", "depth", "trained",
-     "spread", ("T", "post_dot"), ("T", "pre_dot"), "lower"),
-    ("... S, B, L and H's depths, dot attention", "depth", "trained", "spread", ("SBLH", "post_dot"),
-     ("SBLH", "pre_dot"), "lower"),
-    ("... G's depths, dot attention", "depth", "trained", "spread", ("G", "post_dot"), ("G", "pre_dot"), "lower"),
-    ("... G's depths, scaled cosine attention", "depth", "trained", "spread", ("G", "post_cosine"),
-     ("G", "pre_cosine"), "lower"),
-    ("scaled cosine attention keeps the attention logits in a narrower range than dot attention (res-post-norm, "
-     "G's depths)", "depth", "trained", "logit_range", ("G", "post_cosine"), ("G", "post_dot"), "lower"),
+    ("pre-norm's amplitude spread grows with depth (G's depths against T's)", "depth", "spread",
+     ("G", "pre_dot", "trained"), ("T", "pre_dot", "trained"), "higher"),
+    ("res-post-norm keeps the amplitudes flatter than pre-norm: T's depths, dot attention", "depth", "spread",
+     ("T", "post_dot", "trained"), ("T", "pre_dot", "trained"), "lower"),
+    ("... S, B, L and H's depths, dot attention", "depth", "spread", ("SBLH", "post_dot", "trained"),
+     ("SBLH", "pre_dot", "trained"), "lower"),
+    ("... G's depths, dot attention", "depth", "spread", ("G", "post_dot", "trained"), ("G", "pre_dot", "trained"),
+     "lower"),
+    ("... G's depths, scaled cosine attention", "depth", "spread", ("G", "post_cosine", "trained"),
+     ("G", "pre_cosine", "trained"), "lower"),
+    ("dot-product attention logits grow in training under res-post-norm (G's depths)", "depth", "logit_range",
+     ("G", "post_dot", "trained"), ("G", "post_dot", "init"), "higher"),
+    ("under res-post-norm, dot-product logits outgrow the scaled cosine ones (\"a few pixel pairs dominate\"; "
+     "G's depths)", "depth", "logit_range", ("G", "post_dot", "trained"), ("G", "post_cosine", "trained"), "higher"),
     ("at an aggressive learning rate the deepest pre-norm model blows up: its amplitude spread ends above "
-     "res-post-norm's", "failure", "trained", "spread", ("G", "pre_dot"), ("G", "post_dot"), "higher"),
-    ("... and its training loss ends above res-post-norm's", "failure", "trained", "loss", ("G", "pre_dot"),
-     ("G", "post_dot"), "higher"),
+     "res-post-norm's", "failure", "spread", ("G", "pre_dot", "trained"), ("G", "post_dot", "trained"), "higher"),
+    ("... and its training loss ends above res-post-norm's", "failure", "loss", ("G", "pre_dot", "trained"),
+     ("G", "post_dot", "trained"), "higher"),
 ]
 
 
 def claim_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     out = []
-    for text, section, phase, field, (sa, va), (sb, vb), expect in CLAIMS:
+    for text, section, field, (sa, va, pa), (sb, vb, pb), expect in CLAIMS:
         log = field == "spread"
-        diff = _paired(_by_seed(rows, section, sa, va, phase, field), _by_seed(rows, section, sb, vb, phase, field),
-                       log)
+        diff = _paired(_by_seed(rows, section, sa, va, pa, field), _by_seed(rows, section, sb, vb, pb, field), log)
         if diff is None:
             continue
         shown = _fmt_ratio(diff) if log else _fmt(diff, signed=True)
-        comparison = f"{field} {SIZE_LABELS[sa]}/{va} vs {SIZE_LABELS[sb]}/{vb} ({section}, {phase})"
+        comparison = f"{field}: {SIZE_LABELS[sa]} {va} {pa} vs {SIZE_LABELS[sb]} {vb} {pb} ({section})"
         z = f" ({diff.z:+.1f} SE)" if diff.se > 0 else ""
         out.append(dict(claim=text, comparison=comparison, difference=shown + z,
                         verdict=verdict(diff, "better" if expect == "higher" else "worse")))
@@ -252,7 +254,8 @@ def report(rows: List[Dict[str, Any]], steps: List[Dict[str, Any]], provenance: 
         lines += [f"Made by `{provenance.get('command')}` at commit {provenance.get('commit')} on "
                   f"{provenance.get('date')} (swinlab {v.get('swinlab')}, torch {v.get('torch')}, lightning "
                   f"{v.get('lightning')}; Python {provenance.get('python')}; {provenance.get('cpus')} CPUs, "
-                  f"{provenance.get('jobs')} job(s) x 1 thread, {provenance.get('minutes')} min).", ""]
+                  f"{provenance.get('jobs')} job(s) x 1 thread, {provenance.get('minutes')} min"
+                  + (f", {provenance['cpu_minutes']} CPU-min" if "cpu_minutes" in provenance else "") + ").", ""]
     for name, sec in SECTIONS.items():
         have = [r for r in rows if r["section"] == name]
         if not have:
@@ -327,13 +330,14 @@ def plot(rows: List[Dict[str, Any]], steps: List[Dict[str, Any]], path: Path) ->
         sec = SECTIONS["failure"]
         ax2 = ax.twinx()
         for variant in sec.variants:
-            for seed in sorted({s["seed"] for s in steps if s["section"] == "failure"}):
-                pts = [s for s in steps if (s["section"], s["variant"], s["seed"]) == ("failure", variant, seed)]
+            seeds = sorted({int(s["seed"]) for s in steps if (s["section"], s["variant"]) == ("failure", variant)})
+            for k, seed in enumerate(seeds):
+                pts = [s for s in steps if (s["section"], s["variant"], int(s["seed"])) == ("failure", variant, seed)]
                 x = [int(p["step"]) for p in pts]
                 ax.plot(x, [float(p["spread"]) for p in pts], color=colours[variant], alpha=0.8,
-                        label=f"{variant} spread" if seed == pts[0]["seed"] and seed == min(
-                            int(q["seed"]) for q in steps if q["section"] == "failure") else None)
-                ax2.plot(x, [float(p["loss"]) for p in pts], "--", color=colours[variant], alpha=0.6)
+                        label=f"{variant} spread" if k == 0 else None)
+                ax2.plot(x, [float(p["loss"]) for p in pts], "--", color=colours[variant], alpha=0.6,
+                         label=f"{variant} loss" if k == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("RMS spread (solid)")
@@ -343,7 +347,7 @@ def plot(rows: List[Dict[str, Any]], steps: List[Dict[str, Any]], path: Path) ->
     fig.suptitle("Signal propagation (SwinV2 Fig. 2 analogue): pre-norm vs res-post-norm, geometric mean over seeds",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -367,6 +371,7 @@ def write_csv(path: Path, rows: List[Dict[str, Any]], fields: Sequence[str]) -> 
 
 
 def provenance(argv: Sequence[str], jobs: int, minutes: float) -> Dict[str, Any]:
+    import resource
     import subprocess
     from importlib.metadata import version
 
@@ -382,7 +387,10 @@ def provenance(argv: Sequence[str], jobs: int, minutes: float) -> Dict[str, Any]
             "versions": {p: version(p) for p in ("swinlab", "torch", "lightning", "timm")},
             "python": platform.python_version(), "command": " ".join(["python -m swinlab signal", *argv]),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "cpus": os.cpu_count(), "jobs": jobs, "threads": 1,
-            "minutes": round(minutes, 2)}
+            "minutes": round(minutes, 2),
+            # CPU time of this process and its workers: what the study costs on a machine shared with other work
+            "cpu_minutes": round(sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                                     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 60, 2)}
 
 
 def _rows_sorted(rows):
@@ -406,7 +414,9 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
     """The instrument's share of a training step (forward, cross-entropy, backward, AdamW step, fp32): median step
     time with no hooks, with the hooks attached but disarmed (the steps between logging steps) and armed (a logging
     step: the reductions and :meth:`SignalProbe.collect`), the three interleaved round by round so machine noise hits
-    them alike; ``cost`` is the mean step over ``every`` steps (one armed, the rest disarmed) against no hooks."""
+    them alike; ``cost`` is the mean step over ``every`` steps (one armed, the rest disarmed) against no hooks. On the
+    CPU the clock is this process's CPU time (``time.process_time``: other jobs on a shared machine do not enter it);
+    on CUDA, wall time with a synchronisation before and after each step."""
     from ..models import create_model
     from ..training.signal_monitor import SignalProbe
 
@@ -427,9 +437,10 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
         else:
             probe.attach()
             probe.armed = mode == "armed"
+        clock = time.perf_counter if dev.type == "cuda" else time.process_time
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        start = time.perf_counter()
+        start = clock()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,7 +450,7 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
             probe.collect(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
+        return clock() - start
 
     modes = ("off", "hooks", "armed")
     for mode in modes:  # warm-up
@@ -451,10 +462,54 @@ def measure_cost(model_name: str, img_size: Optional[int], batch_size: int, step
     probe.detach()
     med = {m: statistics.median(t) for m, t in times.items()}
     mean_step = ((every - 1) * med["hooks"] + med["armed"]) / every
+    direct = _direct_cost(model, x, probe, clock=time.perf_counter if dev.type == "cuda" else time.process_time,
+                          sync=(lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None))
+    per_step = ((every - 1) * direct["disarmed_s"] + direct["armed_s"]) / every
     return dict(model=model_name, img_size=size[0], batch_size=batch_size, device=device,
+                clock="wall" if dev.type == "cuda" else "CPU time",
                 threads=torch.get_num_threads(), blocks=len(probe.names), off_ms=med["off"] * 1e3,
                 hooks_ms=med["hooks"] * 1e3, armed_ms=med["armed"] * 1e3, every=every,
-                cost_pct=(mean_step / med["off"] - 1) * 100)
+                cost_pct=(mean_step / med["off"] - 1) * 100, direct_disarmed_us=direct["disarmed_s"] * 1e6,
+                direct_armed_us=direct["armed_s"] * 1e6, direct_pct=per_step / med["off"] * 100)
+
+
+def _direct_cost(model, x: torch.Tensor, probe, clock, sync, reps: int = 2000) -> Dict[str, float]:
+    """The instrument's own time per step, timed directly (many repetitions, so the noise of whole steps stays out):
+    ``disarmed_s``, what the hooks add to a step between logging steps (a module call with a disarmed hook against
+    one without, times the number of hooks), and ``armed_s``, a logging step's work (the hooks' reductions on this
+    model's real block outputs, then :meth:`SignalProbe.collect`)."""
+    outputs: List[torch.Tensor] = []
+    handles = [blk.register_forward_hook(lambda m, a, o: outputs.append(o.detach())) for blk in model.blocks()]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    plain, hooked = torch.nn.Identity(), torch.nn.Identity()
+    hooked.register_forward_hook(probe._block_hook(0))  # the probe's own hook, disarmed
+    t = torch.zeros(1)
+    probe.armed = False
+    timings = {}
+    for name, module in (("plain", plain), ("hooked", hooked), ("plain2", plain), ("hooked2", hooked)):
+        start = clock()
+        for _ in range(reps):
+            module(t)
+        timings[name] = (clock() - start) / reps
+    per_call = max(0.0, (timings["hooked"] + timings["hooked2"] - timings["plain"] - timings["plain2"]) / 2)
+    hooks = len(probe.names) + len(probe.depths)  # a hook per block and one per stage's first attention
+    hook_fns = [probe._block_hook(i) for i in range(len(outputs))]
+    armed = []
+    for _ in range(20):
+        probe._stats = {}
+        probe.armed = True
+        sync()
+        start = clock()
+        for i, out in enumerate(outputs):
+            hook_fns[i](None, (), out)
+        probe.collect(x.device)
+        sync()
+        armed.append(clock() - start)
+    probe.armed = False
+    return {"disarmed_s": per_call * hooks, "armed_s": statistics.median(armed) + per_call * hooks}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,12 +542,14 @@ def main(argv: List[str]) -> int:
             raise ConfigError(f"--every {args.every} and --steps {args.steps} must be >= 1")
         r = measure_cost(args.model, args.img_size, args.batch_size, args.steps, args.every, args.device,
                          args.threads)
-        print("| model | image | batch | device, threads | blocks | step, no hooks (ms) | disarmed (ms) | "
-              "logging step (ms) | cost at log_every_n_steps |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| model | image | batch | device, threads | blocks | step, no hooks (ms {r['clock']}) | "
+              "disarmed (ms) | logging step (ms) | cost from the steps | hooks between logging steps (us, direct) | "
+              "logging step's work (us, direct) | cost, direct |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         print(f"| {r['model']} | {r['img_size']} | {r['batch_size']} | {r['device']}, {r['threads']} | {r['blocks']} "
-              f"| {r['off_ms']:.1f} | {r['hooks_ms']:.1f} | {r['armed_ms']:.1f} | {r['cost_pct']:+.2f}% at "
-              f"{r['every']} |")
+              f"| {r['off_ms']:.1f} | {r['hooks_ms']:.1f} | {r['armed_ms']:.1f} | {r['cost_pct']:+.2f}% | "
+              f"{r['direct_disarmed_us']:.0f} | {r['direct_armed_us']:.0f} | {r['direct_pct']:.3f}% |")
+        print(f"\n(cost at log_every_n_steps {r['every']}: one logging step in {r['every']})")
         return 0
     if args.report:
         folder = Path(args.report)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -275,7 +276,8 @@ class AttentionImages(Callback):
 
 class ExportBest(Callback):
     """At the end of fit, write the best checkpoint's backbone (or the final weights when there is no best) as
-    ``<log_dir>/best.safetensors``, loadable with ``create_model(name, checkpoint=...)``.
+    ``<log_dir>/best.safetensors``, loadable with ``create_model(name, checkpoint=...)``, with the run's
+    preprocessing (mean, std, input size, interpolation, crop_pct) in its metadata.
 
     A best checkpoint that is a file is read on rank 0. A sharded one (a folder: FSDP2's distributed checkpoint,
     DeepSpeed's ZeRO folder) is read on rank 0 in full fp32: the model's tensors of a distributed checkpoint
@@ -309,6 +311,8 @@ class ExportBest(Callback):
         if best and os.path.isdir(best):
             trainer.strategy.barrier("export_best")
             if trainer.is_global_zero:
+                from .checkpoint_io import check_checkpoint_folder
+                check_checkpoint_folder(best)  # its libraries unpickle it: the same check as --ckpt_path gets
                 state = _read_sharded_backbone(best, prefix=prefix)
         elif best and os.path.isfile(best):
             if trainer.is_global_zero and ema:
@@ -328,6 +332,10 @@ class ExportBest(Callback):
         with torch.device("meta"):
             model = SwinTransformer(pl_module.model.config)
         model.load_state_dict(state, assign=True)  # the gathered tensors themselves: no second copy
+        preprocessing = pl_module.weights_preprocessing() if hasattr(pl_module, "weights_preprocessing") else None
+        if preprocessing:  # recorded in the file's metadata: create_model(checkpoint=...) gives it back
+            from ..models.hub import apply_preprocessing
+            model.pretrained_cfg = apply_preprocessing(model.pretrained_cfg, preprocessing)
         try:
             save_safetensors(model, self.path, pl_module.model_name)
         except CheckpointError as exc:  # save_safetensors: one line, previous file intact
@@ -353,10 +361,16 @@ def _read_sharded_backbone(path: str, prefix: str = "model.") -> Dict[str, torch
         return _backbone_keys(converted["state_dict"], prefix)
     import torch.distributed.checkpoint as dcp
     metadata = dcp.FileSystemReader(str(root)).read_metadata()
-    wanted = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith(f"state_dict.{prefix}") and hasattr(meta, "size"):
-            wanted[key[len("state_dict."):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    sizes = {key[len("state_dict."):]: meta for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith(f"state_dict.{prefix}") and hasattr(meta, "size")}
+    need = sum(math.prod(meta.size) * meta.properties.dtype.itemsize for meta in sizes.values())
+    from ..models.limits import available_bytes
+    free = available_bytes()
+    if free is not None and need > free:  # sizes read from the folder: checked before anything is allocated
+        raise CheckpointError(f"checkpoint folder {root} lists backbone tensors of {need / 2 ** 30:.1f} GiB, more "
+                              f"than the {free / 2 ** 30:.1f} GiB this machine has free: the folder is damaged; export "
+                              f"later with `python -m swinlab convert`")
+    wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in sizes.items()}
     state = {"state_dict": wanted}
     dcp.load(state, checkpoint_id=str(root), no_dist=True)  # only these tensors are read
     return _backbone_keys(state["state_dict"], prefix)
@@ -403,6 +417,28 @@ def _rng_states() -> Dict[str, Any]:
     return states
 
 
+def _check_rng_states(states: Any) -> None:
+    """RNG states read from a checkpoint are data: each is first set on a private generator (torch's, NumPy's and
+    Python's own checks, the global ones untouched); anything they refuse is one CheckpointError line."""
+    import random
+
+    import numpy as np
+    try:
+        if not isinstance(states, dict):
+            raise TypeError(f"a {type(states).__name__}")
+        torch.Generator().set_state(states["torch"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.RandomState().set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+        version, py_state, py_gauss = states["python"]
+        if not isinstance(py_state, torch.Tensor) or py_state.numel() != 625:
+            raise ValueError("Python's state is not 625 numbers")
+        random.Random().setstate((version, tuple(int(v) for v in py_state.tolist()), py_gauss))
+    except Exception as exc:
+        raise CheckpointError(f"the checkpoint's saved random-number states are damaged ({type(exc).__name__}: "
+                              f"{str(exc)[:100]}): resume from another checkpoint, or start from its weights with "
+                              f"model.init_args.checkpoint") from None
+
+
 def _set_rng_states(states: Dict[str, Any]) -> None:
     import random
 
@@ -443,7 +479,10 @@ class ResumeState(Checkpoint):
         return {"rng": self._rng_override if self._rng_override is not None else _rng_states()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._pending = state_dict.get("rng")
+        pending = state_dict.get("rng")
+        if pending is not None:
+            _check_rng_states(pending)
+        self._pending = pending
 
     def on_train_start(self, trainer, pl_module) -> None:
         # applied as late as possible: nothing between here and the first batch draws from the global RNG (the

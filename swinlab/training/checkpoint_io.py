@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from ..errors import CheckpointError
-from ..models.checkpoint import safe_torch_load
+from ..models.checkpoint import check_checkpoint_file, safe_torch_load
 from ..models.pickle_scan import (
     DTYPE_GLOBALS,
     TENSOR_GLOBALS,
@@ -99,6 +99,20 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
                               f"checkpoint; copy or export it again") from None
 
 
+def _check_remote_file(path: Any) -> None:
+    """The opcode check of a remote checkpoint (fsspec), before Lightning's ``weights_only`` load of it."""
+    import fsspec
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            check_torch_file(f, TENSOR_GLOBALS)
+    except MalformedPickle as exc:
+        raise CheckpointError(f"cannot read {path} ({exc}): the file is truncated or not a PyTorch checkpoint; copy "
+                              f"or export it again") from None
+    except UnsafePickle as exc:
+        raise CheckpointError(f"refused to load {path}: it holds Python objects that only unpickling could build "
+                              f"({exc}); swinlab loads tensors only: save model.state_dict() or safetensors") from None
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic saves and ``weights_only`` loads for local paths (remote paths use Lightning's own handling)."""
 
@@ -109,6 +123,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         if not _is_local(path):
+            _check_remote_file(path)
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return load_checkpoint_file(str(path).removeprefix("file://"),
                                     map_location=map_location if map_location is not None else "cpu")
@@ -275,3 +290,75 @@ def _check_dcp_metadata(root: Path, file: Path) -> set:
         except UnsafePickle as exc:
             raise UnsafePickle(f"byte item {index.fqn} in {name}: {exc}") from None
     return names
+
+
+def check_checkpoint_path(path: Any) -> None:
+    """The check for whatever a strategy is about to load: a folder gets :func:`check_checkpoint_folder`, a file
+    :func:`~swinlab.models.checkpoint.check_checkpoint_file`; remote paths are left to their loaders."""
+    if path is None or not _is_local(path):
+        return
+    local = Path(str(path).removeprefix("file://"))
+    if local.is_dir():
+        check_checkpoint_folder(local)
+    elif local.is_file():
+        check_checkpoint_file(local)
+
+
+def guard_strategy_loads(strategy: Any) -> None:
+    """Run :func:`check_checkpoint_path` before every ``strategy.load_checkpoint``, whatever chose the path (an
+    explicit ``--ckpt_path``, ``last``, ``hpc``, ``registry``): the command line checks the paths it resolves before
+    anything is built, this catches the ones Lightning resolves later (DeepSpeed and FSDP/ModelParallel load folders
+    with their libraries' own unpicklers)."""
+    original = strategy.load_checkpoint
+    if getattr(original, "swinlab_checked", False):
+        return
+
+    def load_checkpoint(checkpoint_path, *args, **kwargs):
+        check_checkpoint_path(checkpoint_path)
+        return original(checkpoint_path, *args, **kwargs)
+
+    load_checkpoint.swinlab_checked = True  # type: ignore[attr-defined]
+    strategy.load_checkpoint = load_checkpoint
+
+
+def _inside(path: Any, root: Optional[str]) -> bool:
+    """Whether ``path`` (a string from a checkpoint) is a local path inside ``root`` once links and ``..`` are
+    resolved; an empty path is nothing and passes."""
+    if path in ("", None):
+        return True
+    if not isinstance(path, str) or root is None or "\x00" in path or not _is_local(path) or not _is_local(root):
+        return False
+    real = Path(os.path.realpath(path.removeprefix("file://")))
+    base = Path(os.path.realpath(str(root).removeprefix("file://")))
+    return base in real.parents
+
+
+def guard_checkpoint_callback(callback: Any) -> None:
+    """A ModelCheckpoint's saved state names files (``best_model_path``, ``kth_best_model_path``,
+    ``last_model_path``, ``best_k_models``) that Lightning later reads (the best checkpoint swinlab exports) or
+    deletes (the top-k file a better one replaces; Lightning's own check of the folder does not resolve ``..``).
+    Before Lightning restores that state, a path outside this callback's folder is set aside: the state is
+    restored as Lightning does for a run moved to another folder (no top-k bookkeeping), without that path, and
+    one warning line names it. Nothing named by a checkpoint outside its run's folder is read or removed."""
+    original = callback.load_state_dict
+    if getattr(original, "swinlab_checked", False):
+        return
+
+    def load_state_dict(state_dict: Dict[str, Any]) -> None:
+        state = dict(state_dict)
+        root = callback.dirpath
+        top_k = state.get("best_k_models") if isinstance(state.get("best_k_models"), dict) else {}
+        named = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")] + list(top_k)
+        outside = [p for p in named if not _inside(p, root)]
+        if outside:
+            import warnings
+            warnings.warn(f"the checkpoint's {type(callback).__name__} state names {str(outside[0])[:120]!r}, "
+                          f"outside this run's checkpoint folder {root}: ignored (nothing there is read or "
+                          f"removed); top-k bookkeeping starts afresh", stacklevel=2)
+            state["dirpath"] = f"{root} (a state naming files outside it)"  # Lightning: restore best path only
+            if not _inside(state.get("best_model_path"), root):
+                state["best_model_path"] = ""
+        original(state)
+
+    load_state_dict.swinlab_checked = True  # type: ignore[attr-defined]
+    callback.load_state_dict = load_state_dict

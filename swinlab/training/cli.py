@@ -453,6 +453,10 @@ class SwinlabCLI(LightningCLI):
             else:
                 os.environ[RUN_VERSION_ENV] = saved_env
 
+    def _undo_run_folder(self) -> None:
+        if not self.first_batch.seen and self.run_folder is not None:
+            self.run_folder.rollback()
+
     def _run_dir(self) -> str:
         """The folder this run writes into (its log folder), for a failed write that names no file."""
         if self.run_folder is not None:
@@ -512,9 +516,14 @@ class SwinlabCLI(LightningCLI):
             raise CheckpointError(f"--ckpt_path {ckpt_path} holds weights only, not a Lightning checkpoint saved "
                                   f"by fit (no state_dict, no training state): give these weights as "
                                   f"--model.init_args.checkpoint {ckpt_path}")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams = ckpt.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"--ckpt_path {ckpt_path} has hyper-parameters that are a "
+                                  f"{type(hparams).__name__}, not a mapping: the file is damaged or not a Lightning "
+                                  f"checkpoint")
+        hparams = dict(hparams)
         hparams.pop("_instantiator", None)
-        return hparams
+        return checked_hparams(hparams, ckpt_path)
 
     def _check_ckpt_model(self, ckpt_path: str, hparams: dict) -> None:
         """Lightning replaces the configured model (class and arguments) with the checkpoint's; another task (a SimMIM
@@ -522,6 +531,11 @@ class SwinlabCLI(LightningCLI):
         dropped, so it is named instead."""
         model = self.config[self.config.subcommand].get("model")
         mine, theirs = getattr(model, "class_path", None), hparams.get("_class_path")
+        if theirs and theirs not in TASK_CLASS_PATHS and theirs != mine:  # importing it would run its module
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path} names the task class {theirs[:100]}, which is not one of swinlab's: resume "
+                f"with a config whose model.class_path is that class if you trust it, or start from its weights "
+                f"with model.init_args.checkpoint {ckpt_path}")
         if mine and theirs and mine != theirs:
             short = theirs.rsplit(".", 1)[-1]
             raise CheckpointError(
@@ -550,6 +564,9 @@ class SwinlabCLI(LightningCLI):
             from .preflight import check_config, check_machine
             check_config(cfg)  # bad trainer values, impossible strategy/precision combinations: one line, nothing built
             check_machine(cfg)  # an accelerator or device count this machine does not have
+            from .launch import check_launch, rendezvous_timeout
+            check_launch(cfg)  # launcher variables against the trainer's settings, master address and port
+            rendezvous_timeout()  # a bad SWINLAB_RENDEZVOUS_TIMEOUT is named before anything is built
         if self.subcommand == "predict":
             self._check_predict_weights(cfg)
         self._classes_from_data(cfg)
@@ -753,9 +770,19 @@ class SwinlabCLI(LightningCLI):
             raise ConfigError(f"the trainer settings were refused: {_one_line(exc)} (see `python -m swinlab "
                               f"{self.subcommand} --help`)") from None
         attach_safe_checkpoint_io(trainer)
+        from .checkpoint_io import guard_checkpoint_callback, guard_strategy_loads
+        guard_strategy_loads(trainer.strategy)  # paths Lightning resolves itself (hpc, registry) get the same check
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                guard_checkpoint_callback(callback)  # paths its saved state names: inside its folder only
         if trainer.logger is None:  # --trainer.logger false: Lightning's LR monitor refuses to run without one
             trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
         trainer.callbacks.append(self.first_batch)
+        if trainer.world_size > 1:  # the ranks meet in fit/validate/...: bounded, with one line if they do not
+            from .launch import RendezvousWatchdog
+            watchdog = RendezvousWatchdog(on_timeout=self._undo_run_folder)
+            trainer.callbacks.append(watchdog)
+            watchdog.start()
         for callback in trainer.callbacks:
             if isinstance(callback, SaveRunConfig):
                 callback.unset = list(self.saved_config_unset)
@@ -803,6 +830,69 @@ class SwinlabCLI(LightningCLI):
         init.version = found.parent.parent.name
         cfg.ckpt_path = str(found)
         return True
+
+
+#: the task classes a checkpoint may name without the config naming them too
+TASK_CLASS_PATHS = ("swinlab.tasks.ImageClassifier", "swinlab.tasks.MaskedImageModeling",
+                    "swinlab.tasks.classifier.ImageClassifier", "swinlab.tasks.simmim.MaskedImageModeling")
+#: model_kwargs that are not SwinConfig fields but create_model's own (what the model returns; not where from)
+CREATE_MODEL_KWARGS = ("features_only", "out_indices", "feature_fmt")
+
+
+def checked_hparams(hparams: dict, ckpt_path: Any) -> dict:
+    """A checkpoint's hyper-parameters are data: checked before the configured model is replaced by them.
+
+    The task class must be one of swinlab's (``TASK_CLASS_PATHS``; another is taken only when the config names the
+    same one, :meth:`SwinlabCLI._check_ckpt_model`); the model name a registry name (an ``hf-hub:`` name would
+    download from the network); the model settings within the family's bounds and the memory this machine has
+    (:func:`~swinlab.models.limits.check_saved_config`); and weights the file points to elsewhere (``checkpoint``,
+    ``model_kwargs.pretrained``) are never fetched: resuming loads the checkpoint's own weights. One line per
+    refusal, naming the file and the setting."""
+    from ..models.config import SwinConfig
+    from ..models.limits import LIMITS, check_saved_config, saved_fields
+    from ..models.registry import get_variant
+
+    where = f"--ckpt_path {ckpt_path}"
+    theirs = hparams.get("_class_path")
+    if theirs is not None and not isinstance(theirs, str):
+        raise CheckpointError(f"{where} names a task class that is not a class path ({type(theirs).__name__}): the "
+                              f"file is damaged or not made by swinlab")
+    if hparams.get("checkpoint") is not None:
+        hparams["checkpoint"] = None  # a path from the file: never opened (the file's own state dict is loaded)
+    name = hparams.get("model_name")
+    if name is None:
+        return hparams
+    if not isinstance(name, str) or name.startswith("hf-hub:") or "://" in name:
+        raise CheckpointError(f"{where} names the model {str(name)[:80]!r}, not a registry name: the file is "
+                              f"damaged or not made by swinlab (`python -m swinlab models` lists the names)")
+    try:
+        variant = get_variant(name.split(".")[0])
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {first_line(exc)}") from None
+    kwargs = hparams.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where} has model_kwargs that are a {type(kwargs).__name__}, not a mapping: the file "
+                              f"is damaged or not made by swinlab")
+    kwargs = dict(kwargs)
+    if kwargs.get("pretrained"):
+        kwargs["pretrained"] = False  # weights from the network: the checkpoint's own are loaded instead
+        hparams["model_kwargs"] = kwargs
+    fields = {k: v for k, v in kwargs.items() if k not in (*CREATE_MODEL_KWARGS, "pretrained")}
+    classes = hparams.get("num_classes")
+    if classes is not None:
+        low, high = LIMITS["num_classes"]
+        if isinstance(classes, bool) or not isinstance(classes, int) or not low <= classes <= high:
+            raise CheckpointError(f"{where} has num_classes={str(classes)[:40]}, out of range [{low}, {high}]: the "
+                                  f"file is damaged or not made by swinlab")
+        fields["num_classes"] = classes
+    try:
+        config = variant.config.replace(**saved_fields(fields))
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{where} has model_kwargs that are not model settings ({first_line(exc)}): the "
+                              f"file is damaged or not made by swinlab") from None
+    assert isinstance(config, SwinConfig)
+    check_saved_config(config, where)
+    return hparams
 
 
 def _check_folder_strategy(ckpt: str, cfg) -> None:

@@ -196,12 +196,12 @@ def spread(rms: Sequence[float]) -> float:
 
 
 def mark_stages(ax, depths: Sequence[int]) -> None:
-    """Shade every other stage of an amplitude-vs-block plot and label the stages at the top."""
+    """Shade every other stage of an amplitude-vs-block plot and label the stages s1, s2, ... at the top."""
     start = 0
     for i, depth in enumerate(depths):
         if i % 2:
             ax.axvspan(start - 0.5, start + depth - 0.5, color="0.92", zorder=0)
-        ax.text(start + (depth - 1) / 2, 1.0, f"stage {i + 1}", transform=ax.get_xaxis_transform(), ha="center",
+        ax.text(start + (depth - 1) / 2, 1.0, f"s{i + 1}", transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize=8)
         start += depth
 
