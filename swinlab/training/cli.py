@@ -582,9 +582,9 @@ class SwinlabCLI(LightningCLI):
                     self._check_ckpt_model(cfg.ckpt_path, hparams)
         ckpt = cfg.get("ckpt_path")
         if ckpt and str(ckpt).split(":")[0] not in SPECIAL_CKPT_PATHS and Path(ckpt).is_dir():
-            _check_folder_strategy(ckpt, cfg)
             from .checkpoint_io import check_checkpoint_folder
             check_checkpoint_folder(ckpt)  # FSDP2 / DeepSpeed folders: their libraries unpickle what they hold
+            _check_folder_strategy(ckpt, cfg)  # then: a folder this run's strategy can read
         if self.subcommand in RUN_COMMANDS:
             self._claim_run_folder(cfg)  # last: every check above has passed
 
