@@ -479,3 +479,11 @@ def test_slurm_units_need_one_shape_for_training_and_fine_tunes(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "1 node(s) x 1 device(s)" in err and "1 x 2" in err and "\n" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_bare_overwrite_that_the_refusal_suggests_is_accepted():
+    """The refusal suggests ``--overwrite``: the parser takes it bare (and ``--finetune false`` / ``--wait``) rather
+    than asking for a value."""
+    from swinlab.tools.ablate import build_parser
+    args = build_parser().parse_args(["--config", "x.yaml", "--overwrite", "--finetune", "false", "--wait"])
+    assert args.overwrite is True and args.finetune is False and args.wait is True

@@ -89,15 +89,12 @@ def _slurm_spec(study: Study, given: Dict[str, Any]) -> SlurmSpec:
     return dataclasses.replace(spec, **changes)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser():
+    """The ``python -m swinlab ablate`` parser (jsonargparse; bad input raises, :func:`main` makes it one line)."""
     from jsonargparse import ArgumentParser
 
-    from ...models.swin import to_2tuple
-    from ...training.cli import parse_config
+    from ...training.cli import add_flag
 
-    argv = list(argv or [])
-    if argv and argv[0] == "ablate":
-        argv = argv[1:]
     parser = ArgumentParser(prog="python -m swinlab ablate", description=__doc__.split("\n\n")[0],
                             exit_on_error=False)
     parser.add_argument("--config", type=str, required=True, help="study yaml (experiments/ablations/*.yaml)")
@@ -106,8 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
     parser.add_argument("--variants", type=str, nargs="+", default=None,
                         help="run only these of the study's variants (e.g. to rerun one and compare)")
-    parser.add_argument("--finetune", type=bool, default=True,
-                        help="false: skip the fine-tunes (the direct rows are the same as with them)")
+    add_flag(parser, "--finetune", default=True,
+             help="false: skip the fine-tunes (the direct rows are the same as with them)")
     parser.add_argument("--threads", type=Optional[int], default=None,
                         help="torch.set_num_threads per process (default: the study's 'threads:', else torch's "
                              "choice)")
@@ -119,14 +116,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "of the GPUs; the results do not depend on it")
     parser.add_class_arguments(SlurmSpec, "slurm", help="--launcher slurm: the jobs' settings (default: the study's "
                                                         "slurm: section)")
-    parser.add_argument("--wait", type=bool, default=True,
-                        help="--launcher slurm: wait for the jobs and write the results (false: submit and return; "
-                             "run the same command again to collect)")
+    add_flag(parser, "--wait", default=True,
+             help="--launcher slurm: wait for the jobs and write the results (false: submit and return; "
+                  "run the same command again to collect)")
     parser.add_argument("--poll", type=float, default=5.0, help="--launcher slurm: seconds between looks at the jobs")
-    parser.add_argument("--overwrite", type=bool, default=False,
-                        help="replace the results, weights and TensorBoard runs an earlier study left in --out, "
-                             "training every unit again (refused otherwise; without it the same command continues "
-                             "its own study)")
+    add_flag(parser, "--overwrite", default=False,
+             help="replace the results, weights and TensorBoard runs an earlier study left in --out, "
+                  "training every unit again (refused otherwise; without it the same command continues "
+                  "its own study)")
     parser.add_argument("--report", type=Optional[str], default=None,
                         help="rewrite results.md (and results.png) in this finished study's folder from its rows and "
                              "the study file's current claims and baseline, and train nothing")
@@ -139,7 +136,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="--plan: validation images (default: the data module's, when it can be read)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="--plan: the GPU's peak TFLOP/s")
     parser.add_argument("--mfu", type=float, default=MFU, help="--plan: the fraction of the peak a run reaches")
-    args = parse_config(parser, argv, "ablate")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ...models.swin import to_2tuple
+    from ...training.cli import parse_config
+
+    argv = list(argv or [])
+    if argv and argv[0] == "ablate":
+        argv = argv[1:]
+    args = parse_config(build_parser(), argv, "ablate")
     study = load_study(args.config)
     threads = args.threads or study.threads
     if args.jobs < 1:
