@@ -44,3 +44,23 @@ def free_ports(n: int) -> list:
     finally:
         for s in socks:
             s.close()
+
+
+def kill_when_paused(killed, whole, flag, ranks: int = 2, timeout: float = 300) -> None:
+    """SIGKILL the process group of ``killed`` once each of its ``ranks`` has written ``<flag>.<rank>`` (a PauseAt
+    callback), then wait for ``whole`` (the uninterrupted twin) to finish with 0; on any failure both are killed."""
+    import signal
+    import time
+    try:
+        deadline = time.time() + timeout
+        while not all(pathlib.Path(f"{flag}.{r}").exists() for r in range(ranks)):
+            assert killed.poll() is None, killed.stderr.read()[-3000:]
+            assert time.time() < deadline, "the killed run never reached its pause step on every rank"
+            time.sleep(0.2)
+        os.killpg(killed.pid, signal.SIGKILL)  # rank 0 and the ranks it launched
+        killed.wait(30)
+        assert whole.wait(timeout) == 0, whole.stderr.read()[-3000:]
+    finally:
+        for p in (whole, killed):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import ROOT, free_ports
+from helpers import ROOT, free_ports, kill_when_paused
 
 from swinlab.errors import CheckpointError, SwinlabError
 from swinlab.training.cli import main
@@ -338,19 +338,7 @@ def test_sigkill_of_a_two_process_ddp_run_then_resume_matches_an_uninterrupted_o
     whole = start("whole")
     killed = start("killed", "--trainer.callbacks+=pause_cb.PauseAt", "--trainer.callbacks.step=4",
                    f"--trainer.callbacks.flag={flag}")
-    try:
-        deadline = time.time() + 300
-        while not all(pathlib.Path(f"{flag}.{r}").exists() for r in range(2)):
-            assert killed.poll() is None, killed.stderr.read()[-3000:]
-            assert time.time() < deadline, "the killed run never reached step 4 on both ranks"
-            time.sleep(0.2)
-        os.killpg(killed.pid, signal.SIGKILL)  # rank 0 and the rank it launched
-        killed.wait(30)
-        assert whole.wait(300) == 0, whole.stderr.read()[-3000:]
-    finally:
-        for p in (whole, killed):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    kill_when_paused(killed, whole, flag)
     run = tmp_path / "runs" / "killed" / "version_0"
     mid = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert mid["global_step"] == 3 and mid["epoch"] == 0  # a mid-epoch checkpoint; step 4 was lost on both ranks
